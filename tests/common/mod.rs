@@ -6,4 +6,5 @@
 pub mod fixture;
 pub mod gateway;
 pub mod http;
+pub mod prefect;
 pub mod upstream;

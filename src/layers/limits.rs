@@ -1,0 +1,87 @@
+//! Limits on what a request may be: the size of its head (431) and body (413), a
+//! Content-Length where a body is sent (411), and how many requests may be in flight (503).
+//! Checked before authentication, so they cost the gateway nothing but a look at the headers.
+
+use std::sync::Arc;
+
+use http::{header, Method};
+use http_body::Body as _;
+use http_body_util::Limited;
+use tokio::sync::Semaphore;
+
+use crate::error::GatewayError;
+use crate::gateway::Gateway;
+use crate::middleware::{run, Middleware, Next, Stage};
+use crate::{Body, Request, Response};
+
+#[derive(Clone)]
+pub struct Limits {
+    gw: Arc<Gateway>,
+    in_flight: Arc<Semaphore>,
+}
+
+pub fn layer(gw: &Arc<Gateway>) -> Stage<Limits> {
+    Stage(Limits {
+        in_flight: Arc::new(Semaphore::new(gw.settings.max_in_flight)),
+        gw: gw.clone(),
+    })
+}
+
+fn head_size(req: &Request) -> u64 {
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    (headers + req.uri().path_and_query().map_or(0, |p| p.as_str().len())) as u64
+}
+
+pub fn check(req: &Request, s: &crate::gateway::Settings) -> Result<(), GatewayError> {
+    if head_size(req) > s.header_limit {
+        return Err(GatewayError::HeadersTooLarge(s.header_limit));
+    }
+    let length = req.headers().get(header::CONTENT_LENGTH);
+    match length {
+        Some(v) => {
+            let n: u64 = v
+                .to_str()
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .ok_or_else(|| GatewayError::BadRequest("Content-Length is not a number".into()))?;
+            if n > s.body_limit {
+                return Err(GatewayError::PayloadTooLarge(s.body_limit));
+            }
+        }
+        None => {
+            let sends_body = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH)
+                && !req.body().is_end_stream();
+            if sends_body && s.require_content_length && !is_grpc(req) {
+                return Err(GatewayError::LengthRequired(req.method().to_string()));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn is_grpc(req: &Request) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+impl Middleware for Limits {
+    async fn call(&self, req: Request, next: Next) -> Response {
+        let s = &self.gw.settings;
+        if let Err(e) = check(&req, s) {
+            return e.into_response();
+        }
+        let Ok(_permit) = self.in_flight.clone().try_acquire_owned() else {
+            return GatewayError::Overloaded("too many requests in flight; retry shortly").into_response();
+        };
+        // Content-Length is checked above; the cap also holds a body that has none.
+        let limit = s.body_limit as usize;
+        let req = req.map(|b| Body::new(Limited::new(b, limit)));
+        run(next, req).await
+    }
+}

@@ -1,0 +1,116 @@
+//! Rate limiting: every request draws on its account's buckets (`api`: one a request;
+//! `logs_events`: one per entry of a `POST logs/` body) through the `Limiter` trait. Over the
+//! limit: 429 with `Retry-After` and the IETF `RateLimit` fields; allowed responses carry
+//! `RateLimit` too.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::Method;
+use http_body_util::BodyExt;
+
+use crate::error::GatewayError;
+use crate::gateway::Gateway;
+use crate::layers::{Principal, Target};
+use crate::limiter::{BucketKey, Charge, Decision};
+use crate::middleware::{run, Middleware, Next, Stage};
+use crate::tenancy::Account;
+use crate::websocket;
+use crate::{Body, Request, Response};
+
+#[derive(Clone)]
+pub struct RateLimit(Arc<Gateway>);
+
+pub fn layer(gw: &Arc<Gateway>) -> Stage<RateLimit> {
+    Stage(RateLimit(gw.clone()))
+}
+
+pub const API: &str = "api";
+pub const LOGS_EVENTS: &str = "logs_events";
+
+/// The charges of one request of an account: `api` units and `logs_events` units.
+pub fn charges(account: &Account, api: u64, logs_events: u64) -> Vec<Charge> {
+    let mut out = Vec::with_capacity(2);
+    if let (Some(rate), true) = (account.plan.api, api > 0) {
+        out.push(Charge {
+            key: BucketKey::new(&account.id, API),
+            name: API.into(),
+            rate,
+            cost: api,
+        });
+    }
+    if let (Some(rate), true) = (account.plan.logs_events, logs_events > 0) {
+        out.push(Charge {
+            key: BucketKey::new(&account.id, LOGS_EVENTS),
+            name: LOGS_EVENTS.into(),
+            rate,
+            cost: logs_events,
+        });
+    }
+    out
+}
+
+/// Logs a refusal and renders the 429.
+pub fn refuse(gw: &Gateway, account: &Account, denial: crate::limiter::Denial) -> Response {
+    gw.metrics.rate_limited(denial.bucket_name());
+    tracing::info!(
+        account = %account.handle,
+        bucket = denial.bucket_name(),
+        retry_after_s = denial.retry_after_secs(),
+        "rate limited"
+    );
+    GatewayError::RateLimited(denial).into_response()
+}
+
+fn is_logs_post(req: &Request) -> bool {
+    req.method() == Method::POST
+        && matches!(req.extensions().get::<Target>(), Some(Target::Workspace { rest, .. }) if rest == "logs/" || rest == "logs")
+}
+
+/// Reads a `POST logs/` body whole (it is capped by the limits layer) and counts its entries:
+/// a JSON array counts one per element; anything else counts one and is forwarded as it is,
+/// for the upstream to judge.
+async fn count_log_entries(req: Request) -> Result<(Request, u64), GatewayError> {
+    let (parts, body) = req.into_parts();
+    let bytes: Bytes = match body.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => return Err(crate::proxy::body_error(e.into_inner())),
+    };
+    let n = match serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&bytes) {
+        Ok(entries) => entries.len().max(1) as u64,
+        Err(_) => 1,
+    };
+    Ok((Request::from_parts(parts, Body::from(bytes)), n))
+}
+
+impl Middleware for RateLimit {
+    async fn call(&self, req: Request, next: Next) -> Response {
+        let Some(principal) = req.extensions().get::<Principal>().cloned() else {
+            // A websocket that authenticates with its first message: the bridge charges it.
+            return run(next, req).await;
+        };
+        let account = &principal.account;
+        let upgrade = websocket::is_upgrade(&req);
+        let (req, logs) = if is_logs_post(&req) {
+            match count_log_entries(req).await {
+                Ok(r) => r,
+                Err(e) => return e.into_response(),
+            }
+        } else {
+            (req, 0)
+        };
+        let charges = charges(account, 1, logs);
+        let report = match self.0.limiter.check(&charges).await {
+            Decision::Allowed(report) => Some(report),
+            // A refused upgrade is never retried by the Prefect client, and a lost events/in
+            // socket loses task runs: upgrades are counted when there is room, never refused.
+            Decision::Denied(_) if upgrade => None,
+            Decision::Denied(denial) => return refuse(&self.0, account, denial),
+        };
+        let mut resp = run(next, req).await;
+        if let Some(report) = report {
+            report.write_headers(resp.headers_mut());
+        }
+        resp
+    }
+}

@@ -1,0 +1,47 @@
+//! Tracing and metrics: one span a request (named by its request id) and one access-log line
+//! when the response head is ready, with the status, the time taken and the caller.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::Instrument;
+
+use crate::gateway::Gateway;
+use crate::middleware::{run, Middleware, Next, Stage};
+use crate::{Request, Response};
+
+#[derive(Clone)]
+pub struct Trace(Arc<Gateway>);
+
+pub fn layer(gw: &Arc<Gateway>) -> Stage<Trace> {
+    Stage(Trace(gw.clone()))
+}
+
+impl Middleware for Trace {
+    async fn call(&self, req: Request, next: Next) -> Response {
+        let started = Instant::now();
+        let id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_string();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let span = tracing::info_span!("request", request_id = %id);
+        let resp = run(next, req).instrument(span.clone()).await;
+        let status = resp.status().as_u16();
+        self.0.metrics.record_status(status);
+        span.in_scope(|| {
+            tracing::info!(
+                target: "tollgate::access",
+                %method,
+                path,
+                status,
+                micros = started.elapsed().as_micros() as u64,
+                "request"
+            )
+        });
+        resp
+    }
+}

@@ -1,0 +1,28 @@
+//! tollgate: a multi-tenant, Prefect-Cloud-style front door for open-source Prefect servers.
+//!
+//! Read `stack::main_service` first: it is the whole request path, one layer a line.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cloud;
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod gateway;
+pub mod keys;
+pub mod layers;
+pub mod limiter;
+pub mod metrics;
+pub mod middleware;
+pub mod path;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod shutdown;
+pub mod stack;
+pub mod tenancy;
+pub mod websocket;
+
+pub use axum::body::Body;
+pub type Request = http::Request<Body>;
+pub type Response = http::Response<Body>;

@@ -1,0 +1,142 @@
+//! The rate limiter: one trait, `Limiter::check`, with GCRA behind it and one backend a module
+//! (`memory`, the embedded default; `redis`, shared by replicas).
+//!
+//! A request is a list of `Charge`s (one per bucket it draws on, each with its rate and cost).
+//! They are decided together: a request denied by one bucket consumes nothing from the others.
+
+pub mod gcra;
+pub mod memory;
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue};
+
+use crate::config::Rate;
+
+/// Where a bucket's state lives: `tg:{<account>}:<scope>`. The braces are a Redis Cluster hash
+/// tag, so every bucket of one account sits in one slot and a script may touch them together.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BucketKey(pub Arc<str>);
+
+impl BucketKey {
+    pub fn new(account: &uuid::Uuid, scope: &str) -> BucketKey {
+        BucketKey(format!("tg:{{{account}}}:{scope}").into())
+    }
+}
+
+/// One bucket a request draws on.
+#[derive(Clone, Debug)]
+pub struct Charge {
+    pub key: BucketKey,
+    /// The policy name clients see in `RateLimit` headers (`api`, `logs_events`, ...).
+    pub name: Arc<str>,
+    pub rate: Rate,
+    pub cost: u64,
+}
+
+/// What one bucket said, for the `RateLimit` headers.
+#[derive(Clone, Debug)]
+pub struct BucketState {
+    pub name: Arc<str>,
+    pub rate: Rate,
+    pub remaining: u64,
+    pub reset: Duration,
+}
+
+/// The state of every bucket a request drew on.
+#[derive(Clone, Debug, Default)]
+pub struct Report(pub Vec<BucketState>);
+
+impl Report {
+    /// `RateLimit-Policy` and `RateLimit` per draft-ietf-httpapi-ratelimit-headers-11.
+    pub fn write_headers(&self, headers: &mut HeaderMap) {
+        if self.0.is_empty() {
+            return;
+        }
+        let mut policy = String::new();
+        let mut limit = String::new();
+        for (i, b) in self.0.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            let _ = write!(policy, "{sep}\"{}\";q={};w={}", b.name, b.rate.count, b.rate.window_secs());
+            let _ = write!(limit, "{sep}\"{}\";r={};t={}", b.name, b.remaining, ceil_secs(b.reset));
+        }
+        if let Ok(v) = HeaderValue::from_str(&policy) {
+            headers.insert("ratelimit-policy", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&limit) {
+            headers.insert("ratelimit", v);
+        }
+    }
+}
+
+/// Whole seconds, rounded up: a client that waits this long is never early.
+pub fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// A refusal: which bucket, how long until the request would pass, and every bucket's state.
+#[derive(Clone, Debug)]
+pub struct Denial {
+    pub bucket: Arc<str>,
+    pub retry_after: Duration,
+    pub report: Report,
+}
+
+impl Denial {
+    pub fn bucket_name(&self) -> &str {
+        &self.bucket
+    }
+
+    /// `Retry-After` in whole seconds, rounded up, and at least 1.
+    pub fn retry_after_secs(&self) -> u64 {
+        ceil_secs(self.retry_after).max(1)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Decision {
+    Allowed(Report),
+    Denied(Denial),
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A rate-limit backend.
+pub trait Limiter: Send + Sync + 'static {
+    /// Decides all charges of one request together, and records them when all pass.
+    fn check<'a>(&'a self, charges: &'a [Charge]) -> BoxFuture<'a, Decision>;
+}
+
+/// Folds per-bucket outcomes into one decision: denied when any bucket denies, with the longest
+/// wait (the request passes only when every bucket would admit it).
+pub fn combine(charges: &[Charge], outcomes: &[gcra::Outcome]) -> Decision {
+    let report = Report(
+        charges
+            .iter()
+            .zip(outcomes)
+            .map(|(c, o)| BucketState {
+                name: c.name.clone(),
+                rate: c.rate,
+                remaining: if o.allowed { o.remaining } else { 0 },
+                reset: if o.allowed { o.reset } else { o.retry_after },
+            })
+            .collect(),
+    );
+    let worst = charges
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, o)| !o.allowed)
+        .max_by_key(|(_, o)| o.retry_after);
+    match worst {
+        None => Decision::Allowed(report),
+        Some((c, o)) => Decision::Denied(Denial {
+            bucket: c.name.clone(),
+            retry_after: o.retry_after,
+            report,
+        }),
+    }
+}

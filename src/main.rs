@@ -1,0 +1,95 @@
+//! The `tollgate` command line. Only parsing lives here; each subcommand is in `commands`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tollgate::commands;
+use tollgate::config::KeyKind;
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "A multi-tenant, Prefect-Cloud-style gateway for Prefect servers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway. Without --config: the embedded dev setup on 127.0.0.1:4280.
+    Serve {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Check a config file and report every problem with its location.
+    CheckConfig { file: PathBuf },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a key: prints it once, then the [[keys]] config entry holding its hash.
+    New {
+        #[arg(long)]
+        account: uuid::Uuid,
+        #[arg(long, value_enum, default_value = "user")]
+        kind: Kind,
+        /// Restrict the key to these workspaces (repeatable); default: all of the account.
+        #[arg(long = "workspace")]
+        workspaces: Vec<uuid::Uuid>,
+        /// RFC 3339 expiry, e.g. 2027-01-01T00:00:00Z.
+        #[arg(long)]
+        expires: Option<String>,
+        /// A name for the key in logs and metrics.
+        #[arg(long)]
+        id: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    User,
+    Service,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => {
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("tollgate: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(commands::serve::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tollgate: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::CheckConfig { file } => ExitCode::from(commands::check_config::run(&file) as u8),
+        Command::Keys {
+            command: KeysCommand::New { account, kind, workspaces, expires, id },
+        } => {
+            let kind = match kind {
+                Kind::User => KeyKind::User,
+                Kind::Service => KeyKind::Service,
+            };
+            match commands::keys::new_key(commands::keys::NewKey { account, kind, workspaces, expires, id }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tollgate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

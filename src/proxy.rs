@@ -1,0 +1,166 @@
+//! The REST proxy: forwards a request to its workspace's upstream over a pooled hyper client,
+//! streaming bodies both ways. The hygiene of what crosses is here: the client's credentials
+//! never leave, the upstream's own are injected, hop-by-hop headers stop at the gateway, and
+//! `X-Forwarded-*` say where the request came from.
+
+use std::error::Error as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http_body_util::LengthLimitError;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::error::GatewayError;
+use crate::gateway::Gateway;
+use crate::layers::ClientAddr;
+use crate::tenancy::Upstream;
+use crate::{Body, Request, Response};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The pooled client every workspace's traffic shares (keep-alive per upstream host).
+#[derive(Clone)]
+pub struct UpstreamClient {
+    client: Client<HttpConnector, Body>,
+}
+
+impl UpstreamClient {
+    pub fn new(connect_timeout: Duration) -> UpstreamClient {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        UpstreamClient { client }
+    }
+
+    pub fn client(&self) -> &Client<HttpConnector, Body> {
+        &self.client
+    }
+}
+
+/// Headers that describe one connection, not the message: never forwarded either way.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named by Connection are hop-by-hop too (RFC 9110 §7.6.1).
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// The headers the upstream receives, from the client's: credentials and hop-by-hop removed,
+/// the upstream's auth and `X-Forwarded-*` added. Everything else (User-Agent, X-Prefect-*,
+/// Prefect-Csrf-*) passes unchanged.
+pub fn upstream_headers(client: &HeaderMap, peer: Option<SocketAddr>, host: Option<&str>, upstream: &Upstream) -> HeaderMap {
+    let mut h = client.clone();
+    strip_hop_by_hop(&mut h);
+    h.remove(header::AUTHORIZATION);
+    h.remove("x-api-key");
+    h.remove(header::HOST);
+    if let Some(auth) = &upstream.auth_header {
+        h.insert(header::AUTHORIZATION, auth.clone());
+    }
+    if let Some(peer) = peer {
+        let ip = peer.ip().to_string();
+        let xff = match client.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+            _ => ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            h.insert("x-forwarded-for", v);
+        }
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        h.insert("x-forwarded-host", v);
+    }
+    h
+}
+
+/// The host the client addressed: `Host` (HTTP/1.1) or the URI authority (h2).
+pub fn client_host(req: &Request) -> Option<String> {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+}
+
+/// A request body that could not be read: over the limit (413) or broken off (400).
+pub fn body_error(e: BoxError) -> GatewayError {
+    if is_length_limit(&*e) {
+        return GatewayError::PayloadTooLarge(0);
+    }
+    GatewayError::BadRequest(format!("could not read the request body: {e}"))
+}
+
+fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Forwards one request to `{upstream}/api/{rest}` and returns the upstream's response.
+pub async fn forward(gw: &Gateway, req: Request, upstream: &Upstream, rest: &str) -> Result<Response, GatewayError> {
+    let host = client_host(&req);
+    let peer = req.extensions().get::<ClientAddr>().map(|c| c.0);
+    let (mut parts, body) = req.into_parts();
+    let uri = upstream
+        .uri_for(rest, parts.uri.query())
+        .map_err(|e| GatewayError::BadRequest(format!("cannot build the upstream URI: {e}")))?;
+    let headers = upstream_headers(&parts.headers, peer, host.as_deref(), upstream);
+    let mut out = http::Request::new(body);
+    *out.method_mut() = std::mem::take(&mut parts.method);
+    *out.uri_mut() = uri;
+    *out.headers_mut() = headers;
+
+    let timeout = gw.settings.upstream_timeout;
+    let sent = tokio::time::timeout(timeout, gw.upstream.client().request(out)).await;
+    let resp = match sent {
+        Err(_) => {
+            gw.metrics.upstream_timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(GatewayError::UpstreamTimeout(timeout));
+        }
+        Ok(Err(e)) => {
+            if is_length_limit(&e) {
+                return Err(GatewayError::PayloadTooLarge(gw.settings.body_limit));
+            }
+            gw.metrics.upstream_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let why = e.source().map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+            tracing::warn!(upstream = %upstream.authority, error = %why, "upstream request failed");
+            return Err(GatewayError::UpstreamUnreachable(why));
+        }
+        Ok(Ok(resp)) => resp,
+    };
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, Body::new(body)))
+}

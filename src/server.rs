@@ -1,0 +1,125 @@
+//! The listeners: HTTP/1.1 and h2c on one main port (TCP_NODELAY on every accepted socket),
+//! and the admin port. Graceful shutdown: on SIGTERM/SIGINT stop accepting, let in-flight
+//! requests and websockets finish until the deadline, close what is left, return.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+use crate::gateway::Gateway;
+use crate::layers::ClientAddr;
+use crate::{admin, shutdown, stack, Body};
+
+/// After the deadline, how long closing websockets get to say goodbye.
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
+
+fn builder(gw: &Gateway) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    // hyper's own read buffer bounds the head well above our limit, so the limits layer can
+    // answer an oversized head with a JSON 431 instead of a dropped connection.
+    let head = (gw.settings.header_limit as usize * 2).max(16 * 1024);
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(head);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(head as u32)
+        .max_concurrent_streams(1024);
+    b
+}
+
+/// Serves the main and admin ports until a shutdown signal, then drains.
+pub async fn run(gw: Arc<Gateway>, main: TcpListener, admin: TcpListener) -> anyhow::Result<()> {
+    let signal = shutdown::signal();
+    tokio::pin!(signal);
+    tokio::spawn(serve_admin(gw.clone(), admin));
+
+    let graceful = GracefulShutdown::new();
+    let svc = stack::main_service(gw.clone());
+    let builder = builder(&gw);
+    loop {
+        tokio::select! {
+            accepted = main.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let svc = svc.clone();
+                let hyper_svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    let mut req = req.map(Body::new);
+                    req.extensions_mut().insert(ClientAddr(peer));
+                    svc.clone().oneshot(req)
+                });
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), hyper_svc).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut signal => break,
+        }
+    }
+    drop(main);
+    let grace = gw.settings.shutdown_grace;
+    tracing::info!(grace_s = grace.as_secs_f64(), "shutting down: no new connections; draining");
+    gw.shutdown.draining.cancel();
+    gw.shutdown.websockets.close();
+    let drained = tokio::time::timeout(grace, async {
+        graceful.shutdown().await;
+        gw.shutdown.websockets.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("shutdown deadline reached: closing what is still open");
+        gw.shutdown.closing.cancel();
+        let _ = tokio::time::timeout(CLOSE_GRACE, gw.shutdown.websockets.wait()).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn serve_admin(gw: Arc<Gateway>, admin: TcpListener) {
+    loop {
+        let Ok((tcp, _)) = admin.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let gw = gw.clone();
+        let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            let gw = gw.clone();
+            async move { Ok::<_, Infallible>(admin::handle(gw, req.map(Body::new)).await) }
+        });
+        tokio::spawn(async move {
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+/// Binds an address, with an error that names it.
+pub async fn bind(addr: &str, what: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))?;
+    let local = l.local_addr()?;
+    Ok((l, local))
+}

@@ -1,0 +1,197 @@
+//! Tenancy: accounts, their plans and workspaces, and the upstream Prefect server of each
+//! workspace. Built once from a checked config; looked up on every request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use base64::Engine;
+use http::{HeaderValue, Uri};
+use uuid::Uuid;
+
+use crate::config::{resolve_secret, Config, PlanConfig, Rate};
+
+/// A plan's rates, per account bucket. `None`: that bucket has no limit.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub name: String,
+    pub api: Option<Rate>,
+    pub logs_events: Option<Rate>,
+}
+
+impl Plan {
+    fn from_config(name: &str, p: &PlanConfig) -> Plan {
+        Plan {
+            name: name.to_string(),
+            api: p.api,
+            logs_events: p.logs_events,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Account {
+    pub id: Uuid,
+    pub handle: String,
+    pub name: String,
+    pub plan: Plan,
+}
+
+/// Where a workspace's traffic goes: a Prefect server base URL and its own credentials.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    /// The base path without a trailing slash ("" or "/prefix").
+    pub base_path: String,
+    /// `Basic base64(auth string)` when the server has `PREFECT_SERVER_API_AUTH_STRING`.
+    pub auth_header: Option<HeaderValue>,
+    /// The auth string itself, for the websocket `auth` message.
+    pub auth_token: Option<String>,
+}
+
+impl Upstream {
+    pub fn parse(url: &str, auth: Option<String>) -> Result<Upstream, String> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| format!("{url:?} needs a scheme (http://)"))?;
+        if scheme != http::uri::Scheme::HTTP {
+            return Err(format!("{url:?}: only http:// upstreams are supported"));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("{url:?} has no host"))?;
+        if uri.query().is_some() {
+            return Err(format!("{url:?}: an upstream URL has no query string"));
+        }
+        let base_path = uri.path().trim_end_matches('/').to_string();
+        let base_path = base_path.strip_suffix("/api").unwrap_or(&base_path).to_string();
+        let auth_header = match &auth {
+            None => None,
+            Some(a) => Some(
+                HeaderValue::from_str(&format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(a)
+                ))
+                .map_err(|_| "the upstream auth string has characters a header cannot carry".to_string())?,
+            ),
+        };
+        Ok(Upstream {
+            scheme,
+            authority,
+            base_path,
+            auth_header,
+            auth_token: auth,
+        })
+    }
+
+    /// `{base}/api/{rest}` with the query string as the client wrote it.
+    pub fn uri_for(&self, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        let mut pq = String::with_capacity(self.base_path.len() + rest.len() + 8);
+        pq.push_str(&self.base_path);
+        pq.push_str("/api/");
+        pq.push_str(rest);
+        if let Some(q) = query {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+    }
+}
+
+#[derive(Debug)]
+pub struct Workspace {
+    pub id: Uuid,
+    pub account: Arc<Account>,
+    pub handle: String,
+    pub name: String,
+    pub description: String,
+    pub upstream: Upstream,
+}
+
+/// Every account and workspace, by id and by handle.
+#[derive(Debug, Default)]
+pub struct Tenants {
+    accounts: HashMap<Uuid, Arc<Account>>,
+    workspaces: HashMap<Uuid, Arc<Workspace>>,
+    by_handle: HashMap<(String, String), Uuid>,
+}
+
+impl Tenants {
+    /// Builds from a config that `Config::problems` found clean.
+    pub fn from_config(cfg: &Config) -> Result<Tenants, String> {
+        let mut t = Tenants::default();
+        for a in &cfg.accounts {
+            let id = Uuid::parse_str(&a.id).map_err(|e| e.to_string())?;
+            let plan = cfg
+                .plans
+                .get(&a.plan)
+                .ok_or_else(|| format!("unknown plan {}", a.plan))?;
+            t.accounts.insert(
+                id,
+                Arc::new(Account {
+                    id,
+                    handle: a.handle.clone(),
+                    name: a.name.clone().unwrap_or_else(|| a.handle.clone()),
+                    plan: Plan::from_config(&a.plan, plan),
+                }),
+            );
+        }
+        for w in &cfg.workspaces {
+            let id = Uuid::parse_str(&w.id).map_err(|e| e.to_string())?;
+            let account_id = Uuid::parse_str(&w.account).map_err(|e| e.to_string())?;
+            let account = t
+                .accounts
+                .get(&account_id)
+                .cloned()
+                .ok_or_else(|| format!("unknown account {}", w.account))?;
+            let auth = w.upstream_auth.as_deref().map(resolve_secret).transpose()?;
+            let ws = Workspace {
+                id,
+                handle: w.handle.clone(),
+                name: w.name.clone().unwrap_or_else(|| w.handle.clone()),
+                description: w.description.clone().unwrap_or_default(),
+                upstream: Upstream::parse(&w.upstream, auth)?,
+                account,
+            };
+            t.by_handle
+                .insert((ws.account.handle.clone(), ws.handle.clone()), id);
+            t.workspaces.insert(id, Arc::new(ws));
+        }
+        Ok(t)
+    }
+
+    pub fn account(&self, id: &Uuid) -> Option<&Arc<Account>> {
+        self.accounts.get(id)
+    }
+
+    pub fn workspace(&self, id: &Uuid) -> Option<&Arc<Workspace>> {
+        self.workspaces.get(id)
+    }
+
+    /// `account_handle/workspace_handle`, as `prefect cloud login --workspace` and gRPC metadata name it.
+    pub fn workspace_by_handle(&self, account: &str, workspace: &str) -> Option<&Arc<Workspace>> {
+        self.by_handle
+            .get(&(account.to_string(), workspace.to_string()))
+            .and_then(|id| self.workspaces.get(id))
+    }
+
+    /// The workspaces of an account, in a stable order.
+    pub fn workspaces_of(&self, account: &Uuid) -> Vec<&Arc<Workspace>> {
+        let mut v: Vec<_> = self
+            .workspaces
+            .values()
+            .filter(|w| w.account.id == *account)
+            .collect();
+        v.sort_by(|a, b| a.handle.cmp(&b.handle));
+        v
+    }
+}

@@ -1,0 +1,312 @@
+//! Per-account rate limits: 429 with `Retry-After`, `RateLimit` and `RateLimit-Policy`
+//! (draft-ietf-httpapi-ratelimit-headers-11), the `api` and `logs_events` buckets.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::fixture::*;
+use common::gateway::Gateway;
+use common::http::{self, Resp};
+use common::upstream::{uris, Behaviour, TestUpstream};
+
+/// One item of a RateLimit / RateLimit-Policy list: `"name";k=v;k=v`.
+#[derive(Debug, PartialEq)]
+struct Item {
+    name: String,
+    params: BTreeMap<String, i64>,
+}
+
+fn parse_list(value: &str) -> Vec<Item> {
+    value
+        .split(',')
+        .map(|item| {
+            let mut parts = item.trim().split(';');
+            let name = parts.next().unwrap_or("").trim();
+            assert!(
+                name.len() >= 2 && name.starts_with('"') && name.ends_with('"'),
+                "item name is not a quoted string: {item:?} in {value:?}"
+            );
+            let params = parts
+                .map(|p| {
+                    let (k, v) = p
+                        .trim()
+                        .split_once('=')
+                        .unwrap_or_else(|| panic!("parameter without value: {p:?} in {value:?}"));
+                    let v: i64 = v
+                        .parse()
+                        .unwrap_or_else(|_| panic!("non-integer {k}={v} in {value:?}"));
+                    (k.to_string(), v)
+                })
+                .collect();
+            Item {
+                name: name.trim_matches('"').to_string(),
+                params,
+            }
+        })
+        .collect()
+}
+
+fn item<'a>(items: &'a [Item], name: &str, header: &str) -> &'a Item {
+    items
+        .iter()
+        .find(|i| i.name == name)
+        .unwrap_or_else(|| panic!("no {name:?} in {header}: {items:?}"))
+}
+
+fn ratelimit(resp: &Resp) -> Vec<Item> {
+    parse_list(
+        &resp
+            .header("ratelimit")
+            .unwrap_or_else(|| panic!("status {}: no RateLimit header", resp.status)),
+    )
+}
+
+fn policy(resp: &Resp) -> Vec<Item> {
+    parse_list(
+        &resp
+            .header("ratelimit-policy")
+            .unwrap_or_else(|| panic!("status {}: no RateLimit-Policy header", resp.status)),
+    )
+}
+
+fn retry_after(resp: &Resp) -> u64 {
+    let v = resp
+        .header("retry-after")
+        .unwrap_or_else(|| panic!("status {}: no Retry-After", resp.status));
+    v.parse()
+        .unwrap_or_else(|_| panic!("Retry-After is not whole seconds: {v:?}"))
+}
+
+fn log_array(n: usize) -> String {
+    let entries: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"name":"prefect.flow_runs","level":20,"message":"line {i}","timestamp":"2026-01-01T00:00:00Z","flow_run_id":null}}"#
+            )
+        })
+        .collect();
+    format!("[{}]", entries.join(","))
+}
+
+#[tokio::test]
+async fn api_bucket_allows_its_count_then_429_with_retry_after_and_ratelimit_headers() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = Gateway::start(&Fixture::new(&up.url()).api("\"3/1m\"").toml());
+    let url = gw.url(&ws_path("flows/"));
+    let auth = bearer(KEY);
+
+    let mut remaining = Vec::new();
+    for i in 0..3 {
+        let resp = http::get(&url, &[("authorization", &auth)]).await;
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+        let rl = ratelimit(&resp);
+        remaining.push(item(&rl, "api", "RateLimit").params["r"]);
+    }
+    assert_eq!(remaining, vec![2, 1, 0], "RateLimit r= counts down");
+
+    let denied = http::get(&url, &[("authorization", &auth)]).await;
+    assert_eq!(denied.status, 429, "{}", denied.text());
+    assert!(!denied.detail().is_empty());
+    let ra = retry_after(&denied);
+    assert!(
+        (1..=60).contains(&ra),
+        "Retry-After {ra} within the 1m window"
+    );
+
+    let pol = policy(&denied);
+    let api = item(&pol, "api", "RateLimit-Policy");
+    assert_eq!(api.params.get("q"), Some(&3), "{pol:?}");
+    assert_eq!(api.params.get("w"), Some(&60), "{pol:?}");
+
+    let rl = ratelimit(&denied);
+    let api = item(&rl, "api", "RateLimit");
+    assert_eq!(api.params.get("r"), Some(&0), "{rl:?}");
+    let t = *api.params.get("t").expect("t= in RateLimit");
+    assert!((1..=60).contains(&t), "t={t}");
+
+    assert_eq!(up.requests().len(), 3, "the 429 never reached the upstream");
+    assert!(
+        gw.wait_for_log("rate limited", Duration::from_secs(2)),
+        "a 429 logs \"rate limited\""
+    );
+}
+
+#[tokio::test]
+async fn rate_limited_log_line_names_account_bucket_and_retry_after() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = Gateway::start(&Fixture::new(&up.url()).api("\"1/1m\"").toml());
+    let url = gw.url(&ws_path("flows/"));
+    let auth = bearer(KEY);
+    assert_eq!(
+        http::get(&url, &[("authorization", &auth)]).await.status,
+        200
+    );
+    assert_eq!(
+        http::get(&url, &[("authorization", &auth)]).await.status,
+        429
+    );
+    assert!(gw.wait_for_log("rate limited", Duration::from_secs(2)));
+    let line: serde_json::Value = gw
+        .logs()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "rate limited")
+        .unwrap_or_else(|| panic!("no JSON line with fields.message = \"rate limited\""));
+    let fields = &line["fields"];
+    assert!(
+        fields["account"].to_string().contains(ACCOUNT)
+            || fields["account"].to_string().contains("acme"),
+        "account in {line}"
+    );
+    assert!(
+        fields["bucket"].to_string().contains("api"),
+        "bucket in {line}"
+    );
+    assert!(
+        fields["retry_after_s"].as_u64().is_some_and(|s| s >= 1)
+            || fields["retry_after_s"]
+                .as_str()
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_some_and(|s| s >= 1),
+        "retry_after_s in {line}"
+    );
+}
+
+#[tokio::test]
+async fn policy_header_lists_both_buckets_of_the_plan() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = Gateway::start(
+        &Fixture::new(&up.url())
+            .api("\"1/1m\"")
+            .logs_events("\"120/2m\"")
+            .toml(),
+    );
+    let url = gw.url(&ws_path("flows/"));
+    let auth = bearer(KEY);
+    let _ = http::get(&url, &[("authorization", &auth)]).await;
+    let denied = http::get(&url, &[("authorization", &auth)]).await;
+    assert_eq!(denied.status, 429);
+    let pol = policy(&denied);
+    let api = item(&pol, "api", "RateLimit-Policy");
+    assert_eq!((api.params["q"], api.params["w"]), (1, 60));
+    let le = item(&pol, "logs_events", "RateLimit-Policy");
+    assert_eq!((le.params["q"], le.params["w"]), (120, 120));
+}
+
+#[tokio::test]
+async fn api_limit_is_per_account_and_shared_by_its_keys() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = Gateway::start(&Fixture::new(&up.url()).api("\"2/1m\"").toml());
+    let url = gw.url(&ws_path("flows/"));
+    assert_eq!(
+        http::get(&url, &[("authorization", &bearer(KEY))])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        http::get(&url, &[("authorization", &bearer(KEY_A_ONLY))])
+            .await
+            .status,
+        200
+    );
+    // Both keys belong to ACCOUNT: its bucket is now empty for either.
+    assert_eq!(
+        http::get(&url, &[("authorization", &bearer(KEY))])
+            .await
+            .status,
+        429
+    );
+    assert_eq!(
+        http::get(&url, &[("authorization", &bearer(KEY_A_ONLY))])
+            .await
+            .status,
+        429
+    );
+    // Another account is not affected.
+    let other = format!("/api/accounts/{OTHER_ACCOUNT}/workspaces/{OTHER_WS}/flows/");
+    let resp = http::get(&gw.url(&other), &[("authorization", &bearer(KEY_OTHER))]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+}
+
+#[tokio::test]
+async fn logs_post_costs_one_per_entry_and_a_denied_batch_consumes_nothing() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = Gateway::start(&Fixture::new(&up.url()).logs_events("\"4/1m\"").toml());
+    let url = gw.url(&ws_path("logs/"));
+    let auth = bearer(KEY);
+    let post = |n: usize| {
+        let (url, auth) = (url.clone(), auth.clone());
+        async move {
+            http::request(
+                "POST",
+                &url,
+                &[
+                    ("authorization", &auth),
+                    ("content-type", "application/json"),
+                ],
+                log_array(n),
+            )
+            .await
+        }
+    };
+
+    let five = post(5).await;
+    assert_eq!(five.status, 429, "5 entries > 4/1m: {}", five.text());
+    assert!(retry_after(&five) >= 1);
+    let pol = policy(&five);
+    assert_eq!(item(&pol, "logs_events", "RateLimit-Policy").params["q"], 4);
+    assert!(up.requests().is_empty(), "{:?}", uris(&up.requests()));
+
+    let three = post(3).await;
+    assert_eq!(three.status, 200, "3 entries fit: {}", three.text());
+    let rl = ratelimit(&three);
+    if let Some(le) = rl.iter().find(|i| i.name == "logs_events") {
+        assert_eq!(le.params["r"], 1, "{rl:?}");
+    }
+
+    let one = post(1).await;
+    assert_eq!(one.status, 200, "the 4th entry fits: {}", one.text());
+    let another = post(1).await;
+    assert_eq!(another.status, 429, "the 5th entry does not");
+    assert!(retry_after(&another) >= 1);
+
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 2, "{:?}", uris(&reqs));
+    assert_eq!(reqs[0].body, log_array(3).as_bytes(), "forwarded unchanged");
+}
+
+#[tokio::test]
+async fn retry_after_is_rounded_up_to_whole_seconds() {
+    // 1 per 1500ms: after one request the next slot is 1.5 s away -> Retry-After: 2.
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = Gateway::start(&Fixture::new(&up.url()).api("\"1/1500ms\"").toml());
+    let url = gw.url(&ws_path("flows/"));
+    let auth = bearer(KEY);
+    assert_eq!(
+        http::get(&url, &[("authorization", &auth)]).await.status,
+        200
+    );
+    let denied = http::get(&url, &[("authorization", &auth)]).await;
+    assert_eq!(denied.status, 429);
+    assert_eq!(retry_after(&denied), 2);
+}
+
+#[tokio::test]
+async fn bucket_refills_after_retry_after() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = Gateway::start(&Fixture::new(&up.url()).api("\"1/1s\"").toml());
+    let url = gw.url(&ws_path("flows/"));
+    let auth = bearer(KEY);
+    assert_eq!(
+        http::get(&url, &[("authorization", &auth)]).await.status,
+        200
+    );
+    let denied = http::get(&url, &[("authorization", &auth)]).await;
+    assert_eq!(denied.status, 429);
+    tokio::time::sleep(Duration::from_secs(retry_after(&denied))).await;
+    let again = http::get(&url, &[("authorization", &auth)]).await;
+    assert_eq!(again.status, 200, "allowed again after Retry-After");
+}

@@ -165,9 +165,18 @@ async fn refuse(mut client: Client, code: CloseCode, reason: &str) {
 
 /// The token of the client's first message, which must be `{"type":"auth","token":..}`.
 async fn read_auth(client: &mut Client) -> Result<Option<String>, &'static str> {
-    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, client.next())
-        .await
-        .map_err(|_| "no auth message within 10s")?;
+    // The Prefect client pings before it authenticates: control frames are skipped (and
+    // answered by the socket itself).
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        loop {
+            match client.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .map_err(|_| "no auth message within 10s")?;
     let Some(Ok(Message::Text(text))) = first else {
         return Err("expected a first message {\"type\":\"auth\",\"token\":...}");
     };

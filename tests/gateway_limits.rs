@@ -175,7 +175,7 @@ async fn rate_limited_log_line_names_account_bucket_and_retry_after() {
 }
 
 #[tokio::test]
-async fn policy_header_lists_both_buckets_of_the_plan() {
+async fn policy_header_of_a_logs_post_lists_both_buckets_of_the_plan() {
     let up = TestUpstream::start(Behaviour::Echo).await;
     let gw = Gateway::start(
         &Fixture::new(&up.url())
@@ -183,10 +183,9 @@ async fn policy_header_lists_both_buckets_of_the_plan() {
             .logs_events("\"120/2m\"")
             .toml(),
     );
-    let url = gw.url(&ws_path("flows/"));
-    let auth = bearer(KEY);
-    let _ = http::get(&url, &[("authorization", &auth)]).await;
-    let denied = http::get(&url, &[("authorization", &auth)]).await;
+    // A POST logs/ is charged to both buckets; the api one refuses the second.
+    assert_eq!(post_logs(&gw, 1).await.status, 200);
+    let denied = post_logs(&gw, 1).await;
     assert_eq!(denied.status, 429);
     let pol = policy(&denied);
     let api = item(&pol, "api", "RateLimit-Policy");
@@ -231,51 +230,67 @@ async fn api_limit_is_per_account_and_shared_by_its_keys() {
     assert_eq!(resp.status, 200, "{}", resp.text());
 }
 
+async fn post_logs(gw: &Gateway, entries: usize) -> Resp {
+    http::request(
+        "POST",
+        &gw.url(&ws_path("logs/")),
+        &[
+            ("authorization", &bearer(KEY)),
+            ("content-type", "application/json"),
+        ],
+        log_array(entries),
+    )
+    .await
+}
+
 #[tokio::test]
-async fn logs_post_costs_one_per_entry_and_a_denied_batch_consumes_nothing() {
+async fn logs_post_with_more_entries_than_the_limit_is_429_while_fewer_pass() {
     let up = TestUpstream::start(Behaviour::Echo).await;
     let gw = Gateway::start(&Fixture::new(&up.url()).logs_events("\"4/1m\"").toml());
-    let url = gw.url(&ws_path("logs/"));
-    let auth = bearer(KEY);
-    let post = |n: usize| {
-        let (url, auth) = (url.clone(), auth.clone());
-        async move {
-            http::request(
-                "POST",
-                &url,
-                &[
-                    ("authorization", &auth),
-                    ("content-type", "application/json"),
-                ],
-                log_array(n),
-            )
-            .await
-        }
-    };
 
-    let five = post(5).await;
-    assert_eq!(five.status, 429, "5 entries > 4/1m: {}", five.text());
+    let five = post_logs(&gw, 5).await;
+    assert_eq!(five.status, 429, "5 entries against 4/1m: {}", five.text());
     assert!(retry_after(&five) >= 1);
     let pol = policy(&five);
     assert_eq!(item(&pol, "logs_events", "RateLimit-Policy").params["q"], 4);
     assert!(up.requests().is_empty(), "{:?}", uris(&up.requests()));
 
-    let three = post(3).await;
+    let three = post_logs(&gw, 3).await;
+    assert_eq!(three.status, 200, "3 entries fit: {}", three.text());
+    assert_eq!(up.single_request().body, log_array(3).as_bytes());
+}
+
+#[tokio::test]
+async fn logs_post_costs_one_per_entry_and_a_denied_batch_consumes_nothing() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = Gateway::start(&Fixture::new(&up.url()).logs_events("\"4/1m\"").toml());
+
+    let three = post_logs(&gw, 3).await;
     assert_eq!(three.status, 200, "3 entries fit: {}", three.text());
     let rl = ratelimit(&three);
     if let Some(le) = rl.iter().find(|i| i.name == "logs_events") {
         assert_eq!(le.params["r"], 1, "{rl:?}");
     }
 
-    let one = post(1).await;
-    assert_eq!(one.status, 200, "the 4th entry fits: {}", one.text());
-    let another = post(1).await;
-    assert_eq!(another.status, 429, "the 5th entry does not");
+    let two = post_logs(&gw, 2).await;
+    assert_eq!(two.status, 429, "3 + 2 entries > 4: {}", two.text());
+    assert!(retry_after(&two) >= 1);
+
+    let one = post_logs(&gw, 1).await;
+    assert_eq!(
+        one.status,
+        200,
+        "the denied batch took nothing: {}",
+        one.text()
+    );
+    let another = post_logs(&gw, 1).await;
+    assert_eq!(another.status, 429, "the 5th entry does not fit");
     assert!(retry_after(&another) >= 1);
 
     let reqs = up.requests();
     assert_eq!(reqs.len(), 2, "{:?}", uris(&reqs));
     assert_eq!(reqs[0].body, log_array(3).as_bytes(), "forwarded unchanged");
+    assert_eq!(reqs[1].body, log_array(1).as_bytes());
 }
 
 #[tokio::test]

@@ -333,9 +333,15 @@ fn key_for_one_workspace_gets_404_on_another_and_nothing_reaches_the_upstream() 
         "expected the client to raise an error naming 404, got {error:?}:\n{}",
         run.describe()
     );
+    let logs = gw.logs();
+    let logged: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("404") && l.contains(WS_OTHER))
+        .collect();
+    eprintln!("gateway log lines naming 404: {logged:#?}");
     assert!(
-        gw.logs().lines().any(|l| l.contains("404")),
-        "expected the gateway to log the 404:\n{}",
+        !logged.is_empty(),
+        "expected a gateway log line naming the 404 and {WS_OTHER}:\n{}",
         gw.logs()
     );
     let rec = server.recorded(flow_name);
@@ -371,6 +377,10 @@ fn rate_limited_client_retries_on_retry_after_and_its_flow_completes() {
         !limited.is_empty(),
         "expected log lines with fields.message \"rate limited\" (the client finished in {took:?}):\n{}",
         gw.logs()
+    );
+    eprintln!(
+        "rate limited: the client finished in {took:?}; the gateway answered 429 {} times",
+        limited.len()
     );
     for line in &limited {
         assert_eq!(line["fields"]["bucket"], "api", "{line}");

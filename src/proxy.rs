@@ -69,12 +69,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
+    // Proxy-Connection and the other Proxy-* headers belong to the previous hop.
+    let proxy_named: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for name in proxy_named {
+        headers.remove(name);
+    }
 }
 
 /// The headers the upstream receives, from the client's: credentials and hop-by-hop removed,
 /// the upstream's auth and `X-Forwarded-*` added. Everything else (User-Agent, X-Prefect-*,
 /// Prefect-Csrf-*) passes unchanged.
-pub fn upstream_headers(client: &HeaderMap, peer: Option<SocketAddr>, host: Option<&str>, upstream: &Upstream) -> HeaderMap {
+pub fn upstream_headers(
+    client: &HeaderMap,
+    peer: Option<SocketAddr>,
+    host: Option<&str>,
+    upstream: &Upstream,
+) -> HeaderMap {
     let mut h = client.clone();
     strip_hop_by_hop(&mut h);
     h.remove(header::AUTHORIZATION);
@@ -129,7 +143,12 @@ fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Forwards one request to `{upstream}/api/{rest}` and returns the upstream's response.
-pub async fn forward(gw: &Gateway, req: Request, upstream: &Upstream, rest: &str) -> Result<Response, GatewayError> {
+pub async fn forward(
+    gw: &Gateway,
+    req: Request,
+    upstream: &Upstream,
+    rest: &str,
+) -> Result<Response, GatewayError> {
     let host = client_host(&req);
     let peer = req.extensions().get::<ClientAddr>().map(|c| c.0);
     let (mut parts, body) = req.into_parts();
@@ -146,15 +165,22 @@ pub async fn forward(gw: &Gateway, req: Request, upstream: &Upstream, rest: &str
     let sent = tokio::time::timeout(timeout, gw.upstream.client().request(out)).await;
     let resp = match sent {
         Err(_) => {
-            gw.metrics.upstream_timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            gw.metrics
+                .upstream_timeouts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(GatewayError::UpstreamTimeout(timeout));
         }
         Ok(Err(e)) => {
             if is_length_limit(&e) {
                 return Err(GatewayError::PayloadTooLarge(gw.settings.body_limit));
             }
-            gw.metrics.upstream_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let why = e.source().map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+            gw.metrics
+                .upstream_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let why = e
+                .source()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| e.to_string());
             tracing::warn!(upstream = %upstream.authority, error = %why, "upstream request failed");
             return Err(GatewayError::UpstreamUnreachable(why));
         }

@@ -21,7 +21,11 @@ pub fn json_response(status: StatusCode, value: serde_json::Value) -> Response {
 }
 
 /// The workspaces the key may use, in the shape `prefect cloud login` parses.
-pub fn me_workspaces(gw: &Gateway, method: &Method, p: &Principal) -> Result<Response, GatewayError> {
+pub fn me_workspaces(
+    gw: &Gateway,
+    method: &Method,
+    p: &Principal,
+) -> Result<Response, GatewayError> {
     if method != Method::GET {
         return Err(GatewayError::NotFound);
     }
@@ -42,16 +46,25 @@ pub fn me_workspaces(gw: &Gateway, method: &Method, p: &Principal) -> Result<Res
             })
         })
         .collect();
-    Ok(json_response(StatusCode::OK, serde_json::Value::Array(list)))
+    Ok(json_response(
+        StatusCode::OK,
+        serde_json::Value::Array(list),
+    ))
 }
 
 /// `accounts/{id}/settings`, `accounts/{id}/ip_allowlist` and `.../ip_allowlist/my_access`.
-pub fn account_route(method: &Method, account: &Account, rest: &str) -> Result<Response, GatewayError> {
+pub fn account_route(
+    method: &Method,
+    account: &Account,
+    rest: &str,
+) -> Result<Response, GatewayError> {
     if method != Method::GET {
         return Err(GatewayError::NotFound);
     }
     let body = match rest.trim_end_matches('/') {
-        "" => json!({ "id": account.id.to_string(), "handle": account.handle, "name": account.name }),
+        "" => {
+            json!({ "id": account.id.to_string(), "handle": account.handle, "name": account.name })
+        }
         "settings" => json!({}),
         "ip_allowlist" => json!({ "entries": [] }),
         "ip_allowlist/my_access" => json!({

@@ -32,6 +32,10 @@ pub enum GatewayError {
     UpstreamTimeout(Duration),
     #[error("{0}")]
     Overloaded(&'static str),
+    #[error(
+        "the rate limiter cannot reach Redis and limiter.failure_policy is \"deny\": retry shortly"
+    )]
+    LimiterUnavailable,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -48,7 +52,9 @@ impl GatewayError {
             GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Overloaded(_) | GatewayError::LimiterUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -66,8 +72,10 @@ impl GatewayError {
             }
             GatewayError::RateLimited(denial) => {
                 // draft-ietf-httpapi-ratelimit-headers-11 §6: the quota-exceeded problem type.
-                body["type"] = "https://iana.org/assignments/http-problem-types#quota-exceeded".into();
-                body["title"] = "Request cannot be satisfied as assigned quota has been exceeded".into();
+                body["type"] =
+                    "https://iana.org/assignments/http-problem-types#quota-exceeded".into();
+                body["title"] =
+                    "Request cannot be satisfied as assigned quota has been exceeded".into();
                 body["violated-policies"] = denial.bucket_name().into();
                 body["retry_after"] = denial.retry_after_secs().into();
                 builder = builder.header(header::RETRY_AFTER, denial.retry_after_secs());
@@ -86,7 +94,9 @@ impl GatewayError {
 fn fallback_response(status: StatusCode) -> Response<Body> {
     let mut r = Response::new(Body::from(r#"{"detail":"error"}"#));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::config::{Backend, Config, ServerConfig};
 use crate::keys::KeyStore;
 use crate::limiter::memory::MemoryLimiter;
+use crate::limiter::redis::{RedisLimiter, SharedRedis};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::proxy::UpstreamClient;
@@ -23,10 +24,11 @@ pub struct Settings {
     pub max_in_flight: usize,
     pub shutdown_grace: Duration,
     pub trusted_proxies: usize,
+    pub unauthenticated_per_ip: Option<crate::config::Limit>,
 }
 
 impl Settings {
-    pub fn from_config(s: &ServerConfig) -> Settings {
+    pub fn from_config(s: &ServerConfig, l: &crate::config::LimiterConfig) -> Settings {
         Settings {
             body_limit: s.body_limit.0,
             header_limit: s.header_limit.0,
@@ -35,6 +37,7 @@ impl Settings {
             max_in_flight: s.max_in_flight,
             shutdown_grace: s.shutdown_grace.0,
             trusted_proxies: s.trusted_proxies,
+            unauthenticated_per_ip: l.unauthenticated_per_ip,
         }
     }
 }
@@ -45,26 +48,28 @@ pub struct Gateway {
     pub limiter: Arc<dyn Limiter>,
     pub upstream: UpstreamClient,
     pub settings: Settings,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
 }
 
 impl Gateway {
     /// Builds from a config that `Config::problems` found clean.
     pub fn from_config(cfg: &Config) -> Result<Gateway, String> {
+        let metrics = Arc::new(Metrics::default());
         let limiter: Arc<dyn Limiter> = match cfg.limiter.backend {
             Backend::Memory => Arc::new(MemoryLimiter::default()),
-            Backend::Redis => {
-                return Err("limiter.backend = \"redis\" is not available in this build yet".into())
-            }
+            Backend::Redis => Arc::new(SharedRedis(RedisLimiter::new(
+                &cfg.limiter,
+                metrics.clone(),
+            )?)),
         };
         Ok(Gateway {
             tenants: Tenants::from_config(cfg)?,
             keys: KeyStore::from_config(&cfg.keys)?,
             limiter,
             upstream: UpstreamClient::new(cfg.server.upstream_connect_timeout.0),
-            settings: Settings::from_config(&cfg.server),
-            metrics: Metrics::default(),
+            settings: Settings::from_config(&cfg.server, &cfg.limiter),
+            metrics,
             shutdown: Shutdown::default(),
         })
     }

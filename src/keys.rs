@@ -24,7 +24,11 @@ const KEY_RANDOM_CHARS: usize = 32;
 pub fn generate(kind: KeyKind) -> String {
     // ThreadRng is a CSPRNG seeded from the OS.
     let mut rng = rand::rng();
-    format!("{}{}", kind.prefix(), Alphanumeric.sample_string(&mut rng, KEY_RANDOM_CHARS))
+    format!(
+        "{}{}",
+        kind.prefix(),
+        Alphanumeric.sample_string(&mut rng, KEY_RANDOM_CHARS)
+    )
 }
 
 pub fn digest(key: &str) -> [u8; 32] {
@@ -37,9 +41,11 @@ pub fn hash_string(key: &str) -> String {
 }
 
 pub fn parse_hash(text: &str) -> Result<[u8; 32], String> {
-    let hex_part = text
-        .strip_prefix("sha256:")
-        .ok_or_else(|| format!("{text:?}: a key hash is written \"sha256:<64 hex digits>\" (see `tollgate keys new`)"))?;
+    let hex_part = text.strip_prefix("sha256:").ok_or_else(|| {
+        format!(
+            "{text:?}: a key hash is written \"sha256:<64 hex digits>\" (see `tollgate keys new`)"
+        )
+    })?;
     let bytes = hex::decode(hex_part).map_err(|_| "the hash is not hexadecimal".to_string())?;
     bytes
         .try_into()
@@ -65,7 +71,9 @@ pub struct ApiKey {
 
 impl ApiKey {
     pub fn allows(&self, workspace: Uuid) -> bool {
-        self.workspaces.as_ref().is_none_or(|w| w.contains(&workspace))
+        self.workspaces
+            .as_ref()
+            .is_none_or(|w| w.contains(&workspace))
     }
 }
 
@@ -194,7 +202,10 @@ mod tests {
         assert!(s.verify("pnu_abc").is_ok());
         assert!(s.verify("pnu_abd").is_err());
         let expired = store("pnu_abc", Some("2000-01-01T00:00:00Z"));
-        assert!(matches!(expired.verify("pnu_abc"), Err(GatewayError::Unauthorized("API key expired"))));
+        assert!(matches!(
+            expired.verify("pnu_abc"),
+            Err(GatewayError::Unauthorized("API key expired"))
+        ));
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod middleware;
 pub mod path;
+pub mod policy;
 pub mod proxy;
 pub mod route;
 pub mod server;

@@ -8,7 +8,11 @@ use tollgate::commands;
 use tollgate::config::KeyKind;
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "A multi-tenant, Prefect-Cloud-style gateway for Prefect servers")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "A multi-tenant, Prefect-Cloud-style gateway for Prefect servers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -60,7 +64,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => {
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("tollgate: cannot start the runtime: {e}");
@@ -77,13 +84,26 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig { file } => ExitCode::from(commands::check_config::run(&file) as u8),
         Command::Keys {
-            command: KeysCommand::New { account, kind, workspaces, expires, id },
+            command:
+                KeysCommand::New {
+                    account,
+                    kind,
+                    workspaces,
+                    expires,
+                    id,
+                },
         } => {
             let kind = match kind {
                 Kind::User => KeyKind::User,
                 Kind::Service => KeyKind::Service,
             };
-            match commands::keys::new_key(commands::keys::NewKey { account, kind, workspaces, expires, id }) {
+            match commands::keys::new_key(commands::keys::NewKey {
+                account,
+                kind,
+                workspaces,
+                expires,
+                id,
+            }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("tollgate: {e}");

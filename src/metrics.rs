@@ -16,6 +16,9 @@ pub struct Metrics {
     pub websocket_throttled: AtomicU64,
     pub websocket_auth_refused: AtomicU64,
     pub limiter_fallback: AtomicU64,
+    pub shadow_denials: AtomicU64,
+    pub redis_errors: AtomicU64,
+    pub deny_cache_hits: AtomicU64,
     pub limiter_degraded: AtomicI64,
 }
 
@@ -43,25 +46,76 @@ impl Metrics {
                 self.requests[class].load(Relaxed)
             );
         }
-        let counters: [(&str, &str, u64); 9] = [
-            ("tollgate_rate_limited_total", "{bucket=\"api\"}", self.rate_limited_api.load(Relaxed)),
+        let counters: [(&str, &str, u64); 12] = [
+            (
+                "tollgate_shadow_denials_total",
+                "",
+                self.shadow_denials.load(Relaxed),
+            ),
+            (
+                "tollgate_redis_errors_total",
+                "",
+                self.redis_errors.load(Relaxed),
+            ),
+            (
+                "tollgate_deny_cache_hits_total",
+                "",
+                self.deny_cache_hits.load(Relaxed),
+            ),
+            (
+                "tollgate_rate_limited_total",
+                "{bucket=\"api\"}",
+                self.rate_limited_api.load(Relaxed),
+            ),
             (
                 "tollgate_rate_limited_total",
                 "{bucket=\"logs_events\"}",
                 self.rate_limited_logs_events.load(Relaxed),
             ),
-            ("tollgate_upstream_errors_total", "", self.upstream_errors.load(Relaxed)),
-            ("tollgate_upstream_timeouts_total", "", self.upstream_timeouts.load(Relaxed)),
-            ("tollgate_websocket_messages_total", "", self.websocket_messages.load(Relaxed)),
-            ("tollgate_websocket_throttled_total", "", self.websocket_throttled.load(Relaxed)),
-            ("tollgate_websocket_auth_refused_total", "", self.websocket_auth_refused.load(Relaxed)),
-            ("tollgate_limiter_fallback_decisions_total", "", self.limiter_fallback.load(Relaxed)),
-            ("tollgate_limiter_degraded", "", self.limiter_degraded.load(Relaxed).max(0) as u64),
+            (
+                "tollgate_upstream_errors_total",
+                "",
+                self.upstream_errors.load(Relaxed),
+            ),
+            (
+                "tollgate_upstream_timeouts_total",
+                "",
+                self.upstream_timeouts.load(Relaxed),
+            ),
+            (
+                "tollgate_websocket_messages_total",
+                "",
+                self.websocket_messages.load(Relaxed),
+            ),
+            (
+                "tollgate_websocket_throttled_total",
+                "",
+                self.websocket_throttled.load(Relaxed),
+            ),
+            (
+                "tollgate_websocket_auth_refused_total",
+                "",
+                self.websocket_auth_refused.load(Relaxed),
+            ),
+            (
+                "tollgate_limiter_fallback_decisions_total",
+                "",
+                self.limiter_fallback.load(Relaxed),
+            ),
+            (
+                "tollgate_limiter_degraded",
+                "",
+                self.limiter_degraded.load(Relaxed).max(0) as u64,
+            ),
         ];
         for (name, labels, v) in counters {
             let _ = writeln!(s, "{name}{labels} {v}");
         }
-        let _ = writeln!(s, "tollgate_websockets_open {}", self.websockets_open.load(Relaxed));
+        let _ = writeln!(
+            s,
+            "tollgate_websockets_open {}",
+            self.websockets_open.load(Relaxed)
+        );
         s
     }
 }

@@ -91,7 +91,10 @@ mod tests {
     fn traversal_in_any_spelling_is_refused() {
         for bad in ["..", "%2e%2e", "%2E%2e", ".", "a%2Fb", "x/../y"] {
             let p = format!("/api/accounts/{A}/workspaces/{W}/{bad}/flows");
-            assert!(matches!(parse(&p), Err(GatewayError::BadRequest(_))), "{bad}");
+            assert!(
+                matches!(parse(&p), Err(GatewayError::BadRequest(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -102,7 +105,10 @@ mod tests {
             format!("/api/accounts/{A}/workspaces/{}/flows", &W[..35]),
             format!("/api/accounts/{A}/workspaces/{}/flows", W.replace('-', "")),
         ] {
-            assert!(matches!(parse(&p), Err(GatewayError::WorkspaceNotFound)), "{p}");
+            assert!(
+                matches!(parse(&p), Err(GatewayError::WorkspaceNotFound)),
+                "{p}"
+            );
         }
     }
 }

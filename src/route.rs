@@ -32,7 +32,9 @@ async fn dispatch(gw: Arc<Gateway>, req: Request) -> Result<Response, GatewayErr
         Target::Workspace { workspace, rest } if websocket::is_upgrade(&req) => {
             websocket::bridge(gw, req, workspace, rest).await
         }
-        Target::Workspace { workspace, rest } => proxy::forward(&gw, req, &workspace.upstream, &rest).await,
+        Target::Workspace { workspace, rest } => {
+            proxy::forward(&gw, req, &workspace.upstream, &rest).await
+        }
     }
 }
 
@@ -47,6 +49,10 @@ impl Service<Request> for Router {
 
     fn call(&mut self, req: Request) -> Self::Future {
         let gw = self.0.clone();
-        Box::pin(async move { Ok(dispatch(gw, req).await.unwrap_or_else(GatewayError::into_response)) })
+        Box::pin(async move {
+            Ok(dispatch(gw, req)
+                .await
+                .unwrap_or_else(GatewayError::into_response))
+        })
     }
 }

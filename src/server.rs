@@ -78,7 +78,10 @@ pub async fn run(gw: Arc<Gateway>, main: TcpListener, admin: TcpListener) -> any
     }
     drop(main);
     let grace = gw.settings.shutdown_grace;
-    tracing::info!(grace_s = grace.as_secs_f64(), "shutting down: no new connections; draining");
+    tracing::info!(
+        grace_s = grace.as_secs_f64(),
+        "shutting down: no new connections; draining"
+    );
     gw.shutdown.draining.cancel();
     gw.shutdown.websockets.close();
     let drained = tokio::time::timeout(grace, async {

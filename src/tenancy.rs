@@ -8,32 +8,16 @@ use base64::Engine;
 use http::{HeaderValue, Uri};
 use uuid::Uuid;
 
-use crate::config::{resolve_secret, Config, PlanConfig, Rate};
-
-/// A plan's rates, per account bucket. `None`: that bucket has no limit.
-#[derive(Debug, Clone)]
-pub struct Plan {
-    pub name: String,
-    pub api: Option<Rate>,
-    pub logs_events: Option<Rate>,
-}
-
-impl Plan {
-    fn from_config(name: &str, p: &PlanConfig) -> Plan {
-        Plan {
-            name: name.to_string(),
-            api: p.api,
-            logs_events: p.logs_events,
-        }
-    }
-}
+use crate::config::{resolve_secret, Config};
+use crate::policy::Policy;
 
 #[derive(Debug)]
 pub struct Account {
     pub id: Uuid,
     pub handle: String,
     pub name: String,
-    pub plan: Plan,
+    /// The plan merged with the account's overrides.
+    pub policy: Policy,
 }
 
 /// Where a workspace's traffic goes: a Prefect server base URL and its own credentials.
@@ -69,7 +53,10 @@ impl Upstream {
             return Err(format!("{url:?}: an upstream URL has no query string"));
         }
         let base_path = uri.path().trim_end_matches('/').to_string();
-        let base_path = base_path.strip_suffix("/api").unwrap_or(&base_path).to_string();
+        let base_path = base_path
+            .strip_suffix("/api")
+            .unwrap_or(&base_path)
+            .to_string();
         let auth_header = match &auth {
             None => None,
             Some(a) => Some(
@@ -77,7 +64,9 @@ impl Upstream {
                     "Basic {}",
                     base64::engine::general_purpose::STANDARD.encode(a)
                 ))
-                .map_err(|_| "the upstream auth string has characters a header cannot carry".to_string())?,
+                .map_err(|_| {
+                    "the upstream auth string has characters a header cannot carry".to_string()
+                })?,
             ),
         };
         Ok(Upstream {
@@ -135,13 +124,17 @@ impl Tenants {
                 .plans
                 .get(&a.plan)
                 .ok_or_else(|| format!("unknown plan {}", a.plan))?;
+            let merged = match &a.limits {
+                Some(over) => plan.merged(over),
+                None => plan.clone(),
+            };
             t.accounts.insert(
                 id,
                 Arc::new(Account {
                     id,
                     handle: a.handle.clone(),
                     name: a.name.clone().unwrap_or_else(|| a.handle.clone()),
-                    plan: Plan::from_config(&a.plan, plan),
+                    policy: Policy::compile(id, &a.plan, &merged)?,
                 }),
             );
         }

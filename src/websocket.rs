@@ -26,8 +26,9 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
-use crate::layers::{auth, ratelimit, tenant, ClientAddr, Principal};
+use crate::layers::{auth, tenant, ClientAddr, Principal};
 use crate::limiter::Decision;
+use crate::policy::Usage;
 use crate::proxy;
 use crate::tenancy::Workspace;
 use crate::{Body, Request, Response};
@@ -49,7 +50,9 @@ pub fn is_upgrade(req: &Request) -> bool {
                 .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
         })
     };
-    req.method() == Method::GET && has(header::UPGRADE, "websocket") && has(header::CONNECTION, "upgrade")
+    req.method() == Method::GET
+        && has(header::UPGRADE, "websocket")
+        && has(header::CONNECTION, "upgrade")
 }
 
 pub fn offers_prefect(headers: &HeaderMap) -> bool {
@@ -71,22 +74,45 @@ type Upstream = WebSocketStream<TcpStream>;
 type Client = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Answers a websocket upgrade for a workspace route and starts the bridge.
-pub async fn bridge(gw: Arc<Gateway>, mut req: Request, workspace: Arc<Workspace>, rest: String) -> Result<Response, GatewayError> {
+pub async fn bridge(
+    gw: Arc<Gateway>,
+    mut req: Request,
+    workspace: Arc<Workspace>,
+    rest: String,
+) -> Result<Response, GatewayError> {
     let key = req
         .headers()
         .get(header::SEC_WEBSOCKET_KEY)
-        .ok_or_else(|| GatewayError::BadRequest("websocket upgrade without Sec-WebSocket-Key".into()))?
+        .ok_or_else(|| {
+            GatewayError::BadRequest("websocket upgrade without Sec-WebSocket-Key".into())
+        })?
         .clone();
-    if req.headers().get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
-        return Err(GatewayError::BadRequest("only websocket version 13 is supported".into()));
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return Err(GatewayError::BadRequest(
+            "only websocket version 13 is supported".into(),
+        ));
     }
     let prefect = offers_prefect(req.headers());
     let principal = req.extensions().get::<Principal>().cloned();
     let peer = req.extensions().get::<ClientAddr>().map(|c| c.0);
-    let mut headers = proxy::upstream_headers(req.headers(), peer, proxy::client_host(&req).as_deref(), &workspace.upstream);
+    let mut headers = proxy::upstream_headers(
+        req.headers(),
+        peer,
+        proxy::client_host(&req).as_deref(),
+        &workspace.upstream,
+    );
     headers.retain_ws_safe();
     let query = req.uri().query().map(str::to_string);
-    let target = UpstreamTarget { headers, query, rest };
+    let target = UpstreamTarget {
+        headers,
+        query,
+        rest,
+    };
 
     // A client that is already known gets the upstream's refusal as an HTTP status.
     let upstream = match &principal {
@@ -105,7 +131,10 @@ pub async fn bridge(gw: Arc<Gateway>, mut req: Request, workspace: Arc<Workspace
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     if prefect {
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("prefect"));
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("prefect"),
+        );
     }
 
     let tracker = gw.shutdown.websockets.clone();
@@ -117,9 +146,17 @@ pub async fn bridge(gw: Arc<Gateway>, mut req: Request, workspace: Arc<Workspace
                 return;
             }
         };
-        let client = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config())).await;
+        let client = WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            Some(ws_config()),
+        )
+        .await;
         gw.metrics.websockets_open.fetch_add(1, Relaxed);
-        session(&gw, client, prefect, principal, &workspace, &target, upstream).await;
+        session(
+            &gw, client, prefect, principal, &workspace, &target, upstream,
+        )
+        .await;
         gw.metrics.websockets_open.fetch_sub(1, Relaxed);
     });
     Ok(resp)
@@ -160,7 +197,10 @@ fn close_frame(code: CloseCode, reason: &str) -> Message {
 
 async fn refuse(mut client: Client, code: CloseCode, reason: &str) {
     let _ = client.send(close_frame(code, reason)).await;
-    let _ = tokio::time::timeout(CLOSE_GRACE, async { while client.next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while client.next().await.is_some() {}
+    })
+    .await;
 }
 
 /// The token of the client's first message, which must be `{"type":"auth","token":..}`.
@@ -185,7 +225,10 @@ async fn read_auth(client: &mut Client) -> Result<Option<String>, &'static str> 
     if value.get("type").and_then(|t| t.as_str()) != Some("auth") {
         return Err("expected a first message {\"type\":\"auth\",\"token\":...}");
     }
-    Ok(value.get("token").and_then(|t| t.as_str()).map(str::to_string))
+    Ok(value
+        .get("token")
+        .and_then(|t| t.as_str())
+        .map(str::to_string))
 }
 
 async fn session(
@@ -250,7 +293,11 @@ async fn session(
 }
 
 /// Opens the upstream socket with the upstream's credentials and does its `prefect` handshake.
-async fn connect_upstream(gw: &Gateway, ws: &Workspace, target: &UpstreamTarget) -> Result<Upstream, GatewayError> {
+async fn connect_upstream(
+    gw: &Gateway,
+    ws: &Workspace,
+    target: &UpstreamTarget,
+) -> Result<Upstream, GatewayError> {
     let up = &ws.upstream;
     let unreachable = |why: String| GatewayError::UpstreamUnreachable(why);
     let mut uri = format!("ws://{}{}/api/{}", up.authority, up.base_path, target.rest);
@@ -266,10 +313,15 @@ async fn connect_upstream(gw: &Gateway, ws: &Workspace, target: &UpstreamTarget)
             request.headers_mut().append(name.clone(), value.clone());
         }
     }
-    request
-        .headers_mut()
-        .insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("prefect"));
-    let addr = format!("{}:{}", up.authority.host(), up.authority.port_u16().unwrap_or(80));
+    request.headers_mut().insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static("prefect"),
+    );
+    let addr = format!(
+        "{}:{}",
+        up.authority.host(),
+        up.authority.port_u16().unwrap_or(80)
+    );
     let timeout = gw.settings.upstream_timeout.min(HANDSHAKE_TIMEOUT);
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(&addr))
         .await
@@ -296,23 +348,33 @@ async fn connect_upstream(gw: &Gateway, ws: &Workspace, target: &UpstreamTarget)
             frame.map(|f| f.reason.to_string()).unwrap_or_default()
         ))),
         Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
-        other => Err(unreachable(format!("unexpected upstream handshake reply: {other:?}"))),
+        other => Err(unreachable(format!(
+            "unexpected upstream handshake reply: {other:?}"
+        ))),
     }
 }
 
 /// Waits until `logs_events` admits one more event (or shutdown is closing sockets).
 async fn throttle(gw: &Gateway, principal: &Principal) {
-    let charges = ratelimit::charges(&principal.account, 0, 1);
+    let usage = Usage {
+        logs_events: 1,
+        ..Usage::default()
+    };
+    let charges = principal.account.policy.charges(&usage);
     if charges.is_empty() {
         return;
     }
     loop {
         match gw.limiter.check(&charges).await {
             Decision::Allowed(_) => return,
-            Decision::Denied(d) => {
+            denied => {
+                let wait = match denied {
+                    Decision::Denied(d) => d.retry_after,
+                    _ => MAX_THROTTLE_SLEEP,
+                };
                 gw.metrics.websocket_throttled.fetch_add(1, Relaxed);
                 tokio::select! {
-                    _ = tokio::time::sleep(d.retry_after.min(MAX_THROTTLE_SLEEP)) => {}
+                    _ = tokio::time::sleep(wait.min(MAX_THROTTLE_SLEEP)) => {}
                     // At the deadline the event is forwarded rather than lost.
                     _ = gw.shutdown.closing.cancelled() => return,
                 }
@@ -321,7 +383,13 @@ async fn throttle(gw: &Gateway, principal: &Principal) {
     }
 }
 
-async fn relay(gw: &Gateway, client: Client, upstream: Upstream, principal: &Principal, is_events_in: bool) {
+async fn relay(
+    gw: &Gateway,
+    client: Client,
+    upstream: Upstream,
+    principal: &Principal,
+    is_events_in: bool,
+) {
     let (mut client_tx, mut client_rx) = client.split();
     let (mut upstream_tx, mut upstream_rx) = upstream.split();
     let closing = gw.shutdown.closing.clone();
@@ -352,7 +420,9 @@ async fn relay(gw: &Gateway, client: Client, upstream: Upstream, principal: &Pri
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "client websocket ended with an error");
-                    let _ = upstream_tx.send(close_frame(CloseCode::Protocol, "client websocket error")).await;
+                    let _ = upstream_tx
+                        .send(close_frame(CloseCode::Protocol, "client websocket error"))
+                        .await;
                     break;
                 }
                 None => break,

@@ -16,7 +16,12 @@ pub fn run(path: &Path) -> i32 {
     };
     let problems = cfg.problems(&origin);
     if problems.is_empty() {
-        println!("ok: {origin}: {} accounts, {} workspaces, {} keys", cfg.accounts.len(), cfg.workspaces.len(), cfg.keys.len());
+        println!(
+            "ok: {origin}: {} accounts, {} workspaces, {} keys",
+            cfg.accounts.len(),
+            cfg.workspaces.len(),
+            cfg.keys.len()
+        );
         0
     } else {
         for p in &problems {

@@ -37,7 +37,11 @@ pub async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let problems = cfg.problems(&origin);
     if !problems.is_empty() {
         let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-        anyhow::bail!("invalid config ({} problems):\n{}", list.len(), list.join("\n"));
+        anyhow::bail!(
+            "invalid config ({} problems):\n{}",
+            list.len(),
+            list.join("\n")
+        );
     }
     let gw = Arc::new(Gateway::from_config(&cfg).map_err(|e| anyhow::anyhow!(e))?);
     let (main, main_addr) = server::bind(&cfg.server.listen, "server.listen").await?;

@@ -16,8 +16,9 @@ pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:4200";
 /// Prefect Cloud's Hobby limits: 625 API requests and 2,000 logs + events a minute.
 pub fn hobby_plan() -> PlanConfig {
     PlanConfig {
-        api: Some(Rate::new(625, Duration::from_secs(60))),
-        logs_events: Some(Rate::new(2000, Duration::from_secs(60))),
+        api: Some(Rate::new(625, Duration::from_secs(60)).into()),
+        logs_events: Some(Rate::new(2000, Duration::from_secs(60)).into()),
+        ..PlanConfig::default()
     }
 }
 
@@ -35,6 +36,7 @@ pub fn dev_config() -> (Config, String) {
         handle: DEV_ACCOUNT_HANDLE.into(),
         name: Some("Dev account".into()),
         plan: "hobby".into(),
+        limits: None,
     });
     cfg.workspaces.push(WorkspaceConfig {
         id: DEV_WORKSPACE_ID.into(),

@@ -16,7 +16,7 @@ use std::path::Path;
 use serde::Deserialize;
 use uuid::Uuid;
 
-pub use units::{Rate, Size, Span};
+pub use units::{Limit, Rate, Size, Span};
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -110,6 +110,10 @@ pub struct LimiterConfig {
     pub failure_policy: FailurePolicy,
     pub local_share: f64,
     pub timeout: Span,
+    /// Requests that present no valid key, per client IP (guards key guessing).
+    pub unauthenticated_per_ip: Option<Limit>,
+    /// Lease lifetime of a concurrency slot: a replica that dies frees its slots after this.
+    pub lease_ttl: Span,
 }
 
 impl Default for LimiterConfig {
@@ -121,16 +125,60 @@ impl Default for LimiterConfig {
             failure_policy: FailurePolicy::Local,
             local_share: 0.5,
             timeout: Span(std::time::Duration::from_millis(5)),
+            unauthenticated_per_ip: None,
+            lease_ttl: Span(std::time::Duration::from_secs(90)),
         }
     }
 }
 
-/// A plan: the named rates of an account's buckets. A bucket left out has no limit.
+/// A plan: the named limits of an account. A limit left out does not apply.
 #[derive(Debug, Deserialize, Clone, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PlanConfig {
-    pub api: Option<Rate>,
-    pub logs_events: Option<Rate>,
+    /// Every HTTP request and gRPC call of the account.
+    pub api: Option<Limit>,
+    /// Every entry of a `POST logs/` body and every event on `events/in`.
+    pub logs_events: Option<Limit>,
+    /// Requests of one key (each key of the account has its own bucket).
+    pub per_key: Option<Limit>,
+    /// Requests to one workspace (each workspace has its own bucket).
+    pub per_workspace: Option<Limit>,
+    /// Route classes, matched by method and path template (the part after the workspace prefix).
+    #[serde(default)]
+    pub routes: Vec<RouteLimitConfig>,
+    /// Requests of the account in flight at once, across replicas.
+    pub concurrency: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RouteLimitConfig {
+    /// `"POST /flow_runs/"`, `"POST /flow_runs/{id}/set_state"`, `"* /logs/"`.
+    #[serde(rename = "match")]
+    pub route: String,
+    pub limit: Limit,
+    /// The policy name clients see; default: the match string.
+    pub name: Option<String>,
+}
+
+impl PlanConfig {
+    /// This plan with an account's overrides: each value the override sets replaces the plan's;
+    /// a route override replaces the plan's route of the same match.
+    pub fn merged(&self, over: &PlanConfig) -> PlanConfig {
+        let mut routes = self.routes.clone();
+        for r in &over.routes {
+            routes.retain(|x| x.route != r.route);
+            routes.push(r.clone());
+        }
+        PlanConfig {
+            api: over.api.or(self.api),
+            logs_events: over.logs_events.or(self.logs_events),
+            per_key: over.per_key.or(self.per_key),
+            per_workspace: over.per_workspace.or(self.per_workspace),
+            routes,
+            concurrency: over.concurrency.or(self.concurrency),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +189,9 @@ pub struct AccountConfig {
     #[serde(default)]
     pub name: Option<String>,
     pub plan: String,
+    /// Per-account overrides of any plan value.
+    #[serde(default)]
+    pub limits: Option<PlanConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -220,8 +271,9 @@ impl std::error::Error for Problems {}
 /// Resolves a value that may be written `env:NAME`.
 pub fn resolve_secret(value: &str) -> Result<String, String> {
     match value.strip_prefix("env:") {
-        Some(name) => std::env::var(name)
-            .map_err(|_| format!("environment variable {name} is not set (the value is \"env:{name}\")")),
+        Some(name) => std::env::var(name).map_err(|_| {
+            format!("environment variable {name} is not set (the value is \"env:{name}\")")
+        }),
         None => Ok(value.to_string()),
     }
 }
@@ -286,7 +338,10 @@ impl Config {
             ("server.admin_listen", &self.server.admin_listen),
         ] {
             if addr.parse::<SocketAddr>().is_err() {
-                bad(field.into(), format!("{addr:?} is not an address like \"127.0.0.1:4280\""));
+                bad(
+                    field.into(),
+                    format!("{addr:?} is not an address like \"127.0.0.1:4280\""),
+                );
             }
         }
         if self.server.body_limit.0 == 0 {
@@ -313,7 +368,10 @@ impl Config {
             for u in urls.list() {
                 match resolve_secret(&u) {
                     Ok(u) if u.starts_with("redis://") || u.starts_with("rediss://") => {}
-                    Ok(u) => bad("limiter.redis_url".into(), format!("{u:?} is not a redis:// URL")),
+                    Ok(u) => bad(
+                        "limiter.redis_url".into(),
+                        format!("{u:?} is not a redis:// URL"),
+                    ),
                     Err(e) => bad("limiter.redis_url".into(), e),
                 }
             }
@@ -321,11 +379,21 @@ impl Config {
         if !(l.local_share > 0.0 && l.local_share <= 1.0) {
             bad(
                 "limiter.local_share".into(),
-                format!("{} must be above 0 and at most 1 (a share of each limit)", l.local_share),
+                format!(
+                    "{} must be above 0 and at most 1 (a share of each limit)",
+                    l.local_share
+                ),
             );
         }
         if l.timeout.0.is_zero() {
             bad("limiter.timeout".into(), "must be above 0".into());
+        }
+
+        for (name, plan) in &self.plans {
+            check_plan(plan, &format!("plans.{name}"), &mut bad);
+        }
+        if l.lease_ttl.0 < std::time::Duration::from_secs(1) {
+            bad("limiter.lease_ttl".into(), "must be at least 1s".into());
         }
 
         let mut account_ids = HashSet::new();
@@ -340,15 +408,24 @@ impl Config {
                 }
                 _ => bad(
                     format!("{at}.id"),
-                    format!("{:?} is not a 36-character UUID (the Prefect client parses it so)", a.id),
+                    format!(
+                        "{:?} is not a 36-character UUID (the Prefect client parses it so)",
+                        a.id
+                    ),
                 ),
             }
             check_handle(&a.handle, &format!("{at}.handle"), &mut bad);
             if !account_handles.insert(a.handle.clone()) {
-                bad(format!("{at}.handle"), format!("duplicate account handle {:?}", a.handle));
+                bad(
+                    format!("{at}.handle"),
+                    format!("duplicate account handle {:?}", a.handle),
+                );
             }
             if !self.plans.contains_key(&a.plan) {
                 bad(format!("{at}.plan"), format!("unknown plan {:?}", a.plan));
+            }
+            if let Some(over) = &a.limits {
+                check_plan(over, &format!("{at}.limits"), &mut bad);
             }
         }
 
@@ -359,17 +436,29 @@ impl Config {
             match Uuid::parse_str(&w.id) {
                 Ok(_) if w.id.len() == 36 => {
                     if !ws_ids.insert(w.id.to_ascii_lowercase()) {
-                        bad(format!("{at}.id"), format!("duplicate workspace id {}", w.id));
+                        bad(
+                            format!("{at}.id"),
+                            format!("duplicate workspace id {}", w.id),
+                        );
                     }
                 }
-                _ => bad(format!("{at}.id"), format!("{:?} is not a 36-character UUID", w.id)),
+                _ => bad(
+                    format!("{at}.id"),
+                    format!("{:?} is not a 36-character UUID", w.id),
+                ),
             }
             if !account_ids.contains(&w.account.to_ascii_lowercase()) {
-                bad(format!("{at}.account"), format!("unknown account {:?}", w.account));
+                bad(
+                    format!("{at}.account"),
+                    format!("unknown account {:?}", w.account),
+                );
             }
             check_handle(&w.handle, &format!("{at}.handle"), &mut bad);
             if !ws_handles.insert((w.account.to_ascii_lowercase(), w.handle.clone())) {
-                bad(format!("{at}.handle"), format!("duplicate workspace handle {:?} in its account", w.handle));
+                bad(
+                    format!("{at}.handle"),
+                    format!("duplicate workspace handle {:?} in its account", w.handle),
+                );
             }
             if let Err(e) = crate::tenancy::Upstream::parse(&w.upstream, None) {
                 bad(format!("{at}.upstream"), e);
@@ -391,13 +480,19 @@ impl Config {
             match resolve_secret(&k.hash).map(|h| crate::keys::parse_hash(&h)) {
                 Ok(Ok(h)) => {
                     if !hashes.insert(h) {
-                        bad(format!("{at}.hash"), "the same key hash is listed twice".into());
+                        bad(
+                            format!("{at}.hash"),
+                            "the same key hash is listed twice".into(),
+                        );
                     }
                 }
                 Ok(Err(e)) | Err(e) => bad(format!("{at}.hash"), e),
             }
             if !account_ids.contains(&k.account.to_ascii_lowercase()) {
-                bad(format!("{at}.account"), format!("unknown account {:?}", k.account));
+                bad(
+                    format!("{at}.account"),
+                    format!("unknown account {:?}", k.account),
+                );
             }
             for (j, w) in k.workspaces.iter().flatten().enumerate() {
                 let owned = self.workspaces.iter().any(|ws| {
@@ -417,6 +512,34 @@ impl Config {
             }
         }
         out
+    }
+}
+
+fn check_plan(plan: &PlanConfig, at: &str, bad: &mut impl FnMut(String, String)) {
+    let mut names = HashSet::new();
+    for (i, r) in plan.routes.iter().enumerate() {
+        if let Err(e) = crate::policy::RouteClass::parse(&r.route) {
+            bad(format!("{at}.routes[{i}].match"), e);
+        }
+        let name = r.name.clone().unwrap_or_else(|| r.route.clone());
+        if !names.insert(name.clone()) {
+            bad(
+                format!("{at}.routes[{i}]"),
+                format!("two route limits are named {name:?}"),
+            );
+        }
+        if name.contains('"') || name.contains('\\') {
+            bad(
+                format!("{at}.routes[{i}].name"),
+                "a limit name may not hold '\"' or '\\'".into(),
+            );
+        }
+    }
+    if plan.concurrency == Some(0) {
+        bad(
+            format!("{at}.concurrency"),
+            "0 would refuse every request; leave it out for no concurrency limit".into(),
+        );
     }
 }
 
@@ -464,14 +587,24 @@ account = "11111111-1111-4111-8111-111111111111"
         .unwrap();
         let problems = cfg.problems("t.toml");
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
-        for needle in ["accounts[0].id", "accounts[0].handle", "accounts[0].plan", "keys[0].hash", "keys[0].account"] {
-            assert!(text.iter().any(|t| t.contains(needle)), "{needle} missing in {text:?}");
+        for needle in [
+            "accounts[0].id",
+            "accounts[0].handle",
+            "accounts[0].plan",
+            "keys[0].hash",
+            "keys[0].account",
+        ] {
+            assert!(
+                text.iter().any(|t| t.contains(needle)),
+                "{needle} missing in {text:?}"
+            );
         }
     }
 
     #[test]
     fn a_burst_below_one_is_rejected() {
-        let err = Config::parse("[plans.p]\napi = { rate = \"10/1m\", burst = 0 }\n", "t").unwrap_err();
+        let err =
+            Config::parse("[plans.p]\napi = { rate = \"10/1m\", burst = 0 }\n", "t").unwrap_err();
         assert!(err.to_string().contains("burst"), "{err}");
     }
 }

@@ -52,7 +52,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "KiB" | "KB" | "K" => 1024,
         "MiB" | "MB" | "M" => 1024 * 1024,
         "GiB" | "GB" | "G" => 1024 * 1024 * 1024,
-        other => return Err(format!("bad size unit {other:?} in {text:?}: use B, KiB, MiB or GiB")),
+        other => {
+            return Err(format!(
+                "bad size unit {other:?} in {text:?}: use B, KiB, MiB or GiB"
+            ))
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("size {text:?} is too large"))
@@ -170,7 +174,24 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
     Ok(Rate::new(count, period))
 }
 
-impl<'de> Deserialize<'de> for Rate {
+/// A limit: a rate, and whether it only reports (`shadow = true`: counted, logged and measured,
+/// never denied).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Limit {
+    pub rate: Rate,
+    pub shadow: bool,
+}
+
+impl From<Rate> for Limit {
+    fn from(rate: Rate) -> Limit {
+        Limit {
+            rate,
+            shadow: false,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Limit {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
         #[serde(untagged)]
@@ -183,19 +204,24 @@ impl<'de> Deserialize<'de> for Rate {
         struct Table {
             rate: String,
             burst: Option<i64>,
+            #[serde(default)]
+            shadow: bool,
         }
-        let (text, burst) = match Raw::deserialize(d)? {
-            Raw::Text(t) => (t, None),
-            Raw::Table(t) => (t.rate, t.burst),
+        let (text, burst, shadow) = match Raw::deserialize(d)? {
+            Raw::Text(t) => (t, None, false),
+            Raw::Table(t) => (t.rate, t.burst, t.shadow),
         };
         let rate = parse_rate(&text).map_err(de::Error::custom)?;
-        match burst {
-            None => Ok(rate),
-            Some(b) if b < 1 => Err(de::Error::custom(format!(
-                "burst {b} for rate {text:?}: a burst below 1 would deny every request; the smallest burst is 1"
-            ))),
-            Some(b) => Ok(rate.with_burst(b as u64)),
-        }
+        let rate = match burst {
+            None => rate,
+            Some(b) if b < 1 => {
+                return Err(de::Error::custom(format!(
+                    "burst {b} for rate {text:?}: a burst below 1 would deny every request; the smallest burst is 1"
+                )))
+            }
+            Some(b) => rate.with_burst(b as u64),
+        };
+        Ok(Limit { rate, shadow })
     }
 }
 
@@ -206,15 +232,26 @@ mod tests {
     #[test]
     fn rates_are_count_per_period() {
         let r = parse_rate("625/1m").unwrap();
-        assert_eq!((r.count, r.period, r.burst), (625, Duration::from_secs(60), 625));
-        assert_eq!(parse_rate("40000/15m").unwrap().period, Duration::from_secs(900));
+        assert_eq!(
+            (r.count, r.period, r.burst),
+            (625, Duration::from_secs(60), 625)
+        );
+        assert_eq!(
+            parse_rate("40000/15m").unwrap().period,
+            Duration::from_secs(900)
+        );
         assert_eq!(parse_rate("10/s").unwrap().period, Duration::from_secs(1));
-        assert_eq!(parse_rate("1/1m").unwrap().interval(), Duration::from_secs(60));
+        assert_eq!(
+            parse_rate("1/1m").unwrap().interval(),
+            Duration::from_secs(60)
+        );
     }
 
     #[test]
     fn misleading_rates_are_rejected() {
-        assert!(parse_rate("0/1m").unwrap_err().contains("not \"unlimited\""));
+        assert!(parse_rate("0/1m")
+            .unwrap_err()
+            .contains("not \"unlimited\""));
         assert!(parse_rate("unlimited/1m").is_err());
         assert!(parse_rate("625").is_err());
         assert!(parse_rate("625/60").unwrap_err().contains("no unit"));

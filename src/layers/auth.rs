@@ -2,12 +2,14 @@
 //! A `prefect`-subprotocol websocket upgrade without a header credential passes as
 //! `PendingAuth`: the bridge authenticates its first message with the same `KeyStore`.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::keys;
-use crate::layers::{PendingAuth, Principal};
+use crate::layers::{ClientAddr, PendingAuth, Principal};
+use crate::limiter::{BucketKey, Charge, Decision};
 use crate::middleware::{run, Middleware, Next, Stage};
 use crate::websocket;
 use crate::{Request, Response};
@@ -30,25 +32,71 @@ pub fn principal(gw: &Gateway, presented: &str) -> Result<Principal, GatewayErro
     Ok(Principal { key, account })
 }
 
+/// The client's IP: the peer, or with `trusted_proxies = n` the address the n-th proxy from
+/// here saw (the n-th entry from the right of `X-Forwarded-For`).
+pub fn client_ip(req: &Request, trusted_proxies: usize) -> Option<IpAddr> {
+    let peer = req.extensions().get::<ClientAddr>().map(|c| c.0.ip());
+    if trusted_proxies == 0 {
+        return peer;
+    }
+    let hops: Vec<IpAddr> = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|ip| ip.trim().parse().ok())
+        .collect();
+    hops.len()
+        .checked_sub(trusted_proxies)
+        .and_then(|i| hops.get(i).copied())
+        .or(peer)
+}
+
+impl Auth {
+    /// A request without a valid key: 401, or 429 when its IP is over
+    /// `limiter.unauthenticated_per_ip` (which slows key guessing down).
+    async fn refuse(&self, ip: Option<IpAddr>, err: GatewayError) -> Response {
+        let gw = &self.0;
+        if let (Some(limit), Some(ip)) = (gw.settings.unauthenticated_per_ip, ip) {
+            let charge = Charge {
+                key: BucketKey(format!("tg:{{ip:{ip}}}:unauthenticated").into()),
+                name: "unauthenticated".into(),
+                rate: limit.rate,
+                cost: 1,
+                shadow: limit.shadow,
+            };
+            if let Decision::Denied(denial) = gw.limiter.check(std::slice::from_ref(&charge)).await
+            {
+                gw.metrics.rate_limited("unauthenticated");
+                tracing::info!(%ip, bucket = "unauthenticated", retry_after_s = denial.retry_after_secs(), "rate limited");
+                return GatewayError::RateLimited(denial).into_response();
+            }
+        }
+        err.into_response()
+    }
+}
+
 impl Middleware for Auth {
     async fn call(&self, mut req: Request, next: Next) -> Response {
+        let ip = client_ip(&req, self.0.settings.trusted_proxies);
         match keys::credential(req.headers()) {
             Ok(Some(presented)) => match principal(&self.0, &presented) {
                 Ok(p) => {
                     req.extensions_mut().insert(p);
                 }
-                Err(e) => return e.into_response(),
+                Err(e) => return self.refuse(ip, e).await,
             },
             Ok(None) if websocket::is_upgrade(&req) && websocket::offers_prefect(req.headers()) => {
                 req.extensions_mut().insert(PendingAuth);
             }
             Ok(None) => {
-                return GatewayError::Unauthorized(
+                let e = GatewayError::Unauthorized(
                     "missing API key: send \"Authorization: Bearer <API key>\"",
-                )
-                .into_response()
+                );
+                return self.refuse(ip, e).await;
             }
-            Err(e) => return e.into_response(),
+            Err(e) => return self.refuse(ip, e).await,
         }
         run(next, req).await
     }

@@ -77,7 +77,8 @@ impl Middleware for Limits {
             return e.into_response();
         }
         let Ok(_permit) = self.in_flight.clone().try_acquire_owned() else {
-            return GatewayError::Overloaded("too many requests in flight; retry shortly").into_response();
+            return GatewayError::Overloaded("too many requests in flight; retry shortly")
+                .into_response();
         };
         // Content-Length is checked above; the cap also holds a body that has none.
         let limit = s.body_limit as usize;

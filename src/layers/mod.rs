@@ -34,6 +34,12 @@ pub struct PendingAuth;
 #[derive(Clone, Debug)]
 pub enum Target {
     MeWorkspaces,
-    Account { account: Arc<Account>, rest: String },
-    Workspace { workspace: Arc<Workspace>, rest: String },
+    Account {
+        account: Arc<Account>,
+        rest: String,
+    },
+    Workspace {
+        workspace: Arc<Workspace>,
+        rest: String,
+    },
 }

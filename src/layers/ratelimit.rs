@@ -1,5 +1,6 @@
-//! Rate limiting: every request draws on its account's buckets (`api`: one a request;
-//! `logs_events`: one per entry of a `POST logs/` body) through the `Limiter` trait. Over the
+//! Rate limiting: every request draws on the buckets its account's policy names (`api`: one a
+//! request; `logs_events`: one per entry of a `POST logs/` body; per key, per workspace and per
+//! route class where the plan sets them) through the `Limiter` trait. Over the
 //! limit: 429 with `Retry-After` and the IETF `RateLimit` fields; allowed responses carry
 //! `RateLimit` too.
 
@@ -12,8 +13,9 @@ use http_body_util::BodyExt;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::layers::{Principal, Target};
-use crate::limiter::{BucketKey, Charge, Decision};
+use crate::limiter::{BucketKey, Decision, Denial, Report, Slot};
 use crate::middleware::{run, Middleware, Next, Stage};
+use crate::policy::Usage;
 use crate::tenancy::Account;
 use crate::websocket;
 use crate::{Body, Request, Response};
@@ -25,30 +27,8 @@ pub fn layer(gw: &Arc<Gateway>) -> Stage<RateLimit> {
     Stage(RateLimit(gw.clone()))
 }
 
-pub const API: &str = "api";
-pub const LOGS_EVENTS: &str = "logs_events";
-
-/// The charges of one request of an account: `api` units and `logs_events` units.
-pub fn charges(account: &Account, api: u64, logs_events: u64) -> Vec<Charge> {
-    let mut out = Vec::with_capacity(2);
-    if let (Some(rate), true) = (account.plan.api, api > 0) {
-        out.push(Charge {
-            key: BucketKey::new(&account.id, API),
-            name: API.into(),
-            rate,
-            cost: api,
-        });
-    }
-    if let (Some(rate), true) = (account.plan.logs_events, logs_events > 0) {
-        out.push(Charge {
-            key: BucketKey::new(&account.id, LOGS_EVENTS),
-            name: LOGS_EVENTS.into(),
-            rate,
-            cost: logs_events,
-        });
-    }
-    out
-}
+/// An account at its concurrency limit is told to come back soon: slots free up quickly.
+const CONCURRENCY_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Logs a refusal and renders the 429.
 pub fn refuse(gw: &Gateway, account: &Account, denial: crate::limiter::Denial) -> Response {
@@ -60,6 +40,16 @@ pub fn refuse(gw: &Gateway, account: &Account, denial: crate::limiter::Denial) -
         "rate limited"
     );
     GatewayError::RateLimited(denial).into_response()
+}
+
+/// Shadow limits never deny; going over one is logged and counted.
+pub fn note_shadow(gw: &Gateway, account: &Account, report: &Report) {
+    for b in report.shadow_denials() {
+        gw.metrics
+            .shadow_denials
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(account = %account.handle, bucket = %b.name, "shadow limit exceeded (not enforced)");
+    }
 }
 
 fn is_logs_post(req: &Request) -> bool {
@@ -99,13 +89,50 @@ impl Middleware for RateLimit {
         } else {
             (req, 0)
         };
-        let charges = charges(account, 1, logs);
+        let (workspace, rest) = match req.extensions().get::<Target>() {
+            Some(Target::Workspace { workspace, rest }) => {
+                (Some(workspace.id), Some(rest.as_str()))
+            }
+            _ => (None, None),
+        };
+        let usage = Usage {
+            api: 1,
+            logs_events: logs,
+            key: Some(&principal.key.id),
+            workspace,
+            route: rest.map(|r| (req.method(), r)),
+        };
+        let charges = account.policy.charges(&usage);
         let report = match self.0.limiter.check(&charges).await {
-            Decision::Allowed(report) => Some(report),
+            Decision::Allowed(report) => {
+                note_shadow(&self.0, account, &report);
+                Some(report)
+            }
             // A refused upgrade is never retried by the Prefect client, and a lost events/in
             // socket loses task runs: upgrades are counted when there is room, never refused.
             Decision::Denied(_) if upgrade => None,
             Decision::Denied(denial) => return refuse(&self.0, account, denial),
+            Decision::Unavailable if upgrade => None,
+            Decision::Unavailable => return GatewayError::LimiterUnavailable.into_response(),
+        };
+        // The concurrency slot is held until the response head is ready.
+        let _lease = match account.policy.concurrency {
+            None => None,
+            Some(limit) => {
+                let key = BucketKey::new(&account.id, "inflight");
+                match self.0.limiter.clone().acquire(key, limit).await {
+                    Slot::Granted(lease) => Some(lease),
+                    Slot::Full => {
+                        let denial = Denial {
+                            bucket: "concurrency".into(),
+                            retry_after: CONCURRENCY_RETRY,
+                            report: Report::default(),
+                        };
+                        return refuse(&self.0, account, denial);
+                    }
+                    Slot::Unavailable => return GatewayError::LimiterUnavailable.into_response(),
+                }
+            }
         };
         let mut resp = run(next, req).await;
         if let Some(report) = report {

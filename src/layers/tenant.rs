@@ -20,7 +20,11 @@ pub fn layer(gw: &Arc<Gateway>) -> Stage<Tenant> {
 
 /// Resolves a route for a caller. `principal` is `None` only for a websocket that authenticates
 /// later; it is then checked again by the bridge with `allowed`.
-pub fn resolve(gw: &Gateway, route: Route, principal: Option<&Principal>) -> Result<Target, GatewayError> {
+pub fn resolve(
+    gw: &Gateway,
+    route: Route,
+    principal: Option<&Principal>,
+) -> Result<Target, GatewayError> {
     match route {
         Route::MeWorkspaces => Ok(Target::MeWorkspaces),
         Route::Account { account, rest } => {

@@ -148,7 +148,10 @@ mod tests {
                     sum += admitted[j].1 as u128;
                     let span = (admitted[j].0 - admitted[i].0) as u128;
                     let bound = span / t as u128 + burst as u128;
-                    assert!(sum <= bound + 1, "admitted {sum} over {span}ns, bound {bound}");
+                    assert!(
+                        sum <= bound + 1,
+                        "admitted {sum} over {span}ns, bound {bound}"
+                    );
                 }
             }
         }

@@ -4,11 +4,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::gcra::{self, Nanos};
-use super::{combine, BoxFuture, BucketKey, Charge, Decision, Limiter};
+use super::{combine, commits, BoxFuture, BucketKey, Charge, Decision, Lease, Limiter, Slot};
 
 const SHARDS: usize = 32;
 /// One shard is swept every this many checks, so eviction costs O(1) amortised.
@@ -20,6 +20,7 @@ pub struct MemoryLimiter {
     /// Each limit is multiplied by this (1.0, or the `local_share` of a Redis fallback).
     share: f64,
     checks: AtomicU64,
+    in_flight: Mutex<HashMap<BucketKey, u32>>,
 }
 
 impl Default for MemoryLimiter {
@@ -35,6 +36,7 @@ impl MemoryLimiter {
             origin: Instant::now(),
             share,
             checks: AtomicU64::new(0),
+            in_flight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -45,13 +47,17 @@ impl MemoryLimiter {
 
     fn shard_of(key: &BucketKey) -> usize {
         use std::hash::{BuildHasher, BuildHasherDefault};
-        let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(key);
+        let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .hash_one(key);
         (h as usize) % SHARDS
     }
 
     /// Buckets currently held (for metrics and the memory benchmark).
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().map(|m| m.len()).unwrap_or(0)).sum()
+        self.shards
+            .iter()
+            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -111,12 +117,40 @@ impl MemoryLimiter {
             .zip(&idx)
             .map(|(c, &g)| gcra::decide(&c.rate, guards[g].1.get(&c.key).copied(), now, c.cost))
             .collect();
-        if outcomes.iter().all(|o| o.allowed) {
+        if commits(charges, &outcomes) {
             for ((c, o), &g) in charges.iter().zip(&outcomes).zip(&idx) {
-                guards[g].1.insert(c.key.clone(), o.tat);
+                if o.allowed {
+                    guards[g].1.insert(c.key.clone(), o.tat);
+                }
             }
         }
         combine(charges, &outcomes)
+    }
+}
+
+impl MemoryLimiter {
+    /// Takes a concurrency slot (at this limiter's share of `limit`).
+    pub fn take_slot(self: &Arc<Self>, key: BucketKey, limit: u32) -> Slot {
+        let limit = ((limit as f64 * self.share).floor() as u32).max(1);
+        let Ok(mut map) = self.in_flight.lock() else {
+            return Slot::Granted(Lease::none());
+        };
+        let n = map.entry(key.clone()).or_insert(0);
+        if *n >= limit {
+            return Slot::Full;
+        }
+        *n += 1;
+        let me = self.clone();
+        Slot::Granted(Lease::new(move || {
+            if let Ok(mut map) = me.in_flight.lock() {
+                if let Some(n) = map.get_mut(&key) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        map.remove(&key);
+                    }
+                }
+            }
+        }))
     }
 }
 
@@ -124,6 +158,11 @@ impl Limiter for MemoryLimiter {
     fn check<'a>(&'a self, charges: &'a [Charge]) -> BoxFuture<'a, Decision> {
         let d = self.decide(charges);
         Box::pin(std::future::ready(d))
+    }
+
+    fn acquire(self: Arc<Self>, key: BucketKey, limit: u32) -> BoxFuture<'static, Slot> {
+        let slot = self.take_slot(key, limit);
+        Box::pin(std::future::ready(slot))
     }
 }
 
@@ -139,6 +178,7 @@ mod tests {
             name: scope.into(),
             rate: Rate::new(count, Duration::from_secs(60)),
             cost,
+            shadow: false,
         }
     }
 
@@ -147,7 +187,10 @@ mod tests {
         let l = MemoryLimiter::default();
         let api = charge("api", 10, 1);
         let logs = charge("logs_events", 5, 5);
-        assert!(matches!(l.decide(&[api.clone(), logs.clone()]), Decision::Allowed(_)));
+        assert!(matches!(
+            l.decide(&[api.clone(), logs.clone()]),
+            Decision::Allowed(_)
+        ));
         // logs_events is now empty: the next request is denied and api must not move.
         match l.decide(&[api.clone(), logs]) {
             Decision::Denied(d) => assert_eq!(&*d.bucket, "logs_events"),

@@ -6,6 +6,7 @@
 
 pub mod gcra;
 pub mod memory;
+pub mod redis;
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -36,6 +37,8 @@ pub struct Charge {
     pub name: Arc<str>,
     pub rate: Rate,
     pub cost: u64,
+    /// Counted and reported, never denied.
+    pub shadow: bool,
 }
 
 /// What one bucket said, for the `RateLimit` headers.
@@ -45,6 +48,9 @@ pub struct BucketState {
     pub rate: Rate,
     pub remaining: u64,
     pub reset: Duration,
+    pub shadow: bool,
+    /// This bucket alone would have refused the request.
+    pub denied: bool,
 }
 
 /// The state of every bucket a request drew on.
@@ -54,15 +60,28 @@ pub struct Report(pub Vec<BucketState>);
 impl Report {
     /// `RateLimit-Policy` and `RateLimit` per draft-ietf-httpapi-ratelimit-headers-11.
     pub fn write_headers(&self, headers: &mut HeaderMap) {
-        if self.0.is_empty() {
+        if self.0.iter().all(|b| b.shadow) {
             return;
         }
         let mut policy = String::new();
         let mut limit = String::new();
-        for (i, b) in self.0.iter().enumerate() {
+        // Shadow limits are for the operator: clients are not told of them.
+        for (i, b) in self.0.iter().filter(|b| !b.shadow).enumerate() {
             let sep = if i == 0 { "" } else { ", " };
-            let _ = write!(policy, "{sep}\"{}\";q={};w={}", b.name, b.rate.count, b.rate.window_secs());
-            let _ = write!(limit, "{sep}\"{}\";r={};t={}", b.name, b.remaining, ceil_secs(b.reset));
+            let _ = write!(
+                policy,
+                "{sep}\"{}\";q={};w={}",
+                b.name,
+                b.rate.count,
+                b.rate.window_secs()
+            );
+            let _ = write!(
+                limit,
+                "{sep}\"{}\";r={};t={}",
+                b.name,
+                b.remaining,
+                ceil_secs(b.reset)
+            );
         }
         if let Ok(v) = HeaderValue::from_str(&policy) {
             headers.insert("ratelimit-policy", v);
@@ -70,6 +89,11 @@ impl Report {
         if let Ok(v) = HeaderValue::from_str(&limit) {
             headers.insert("ratelimit", v);
         }
+    }
+
+    /// The shadow limits this request went over.
+    pub fn shadow_denials(&self) -> impl Iterator<Item = &BucketState> {
+        self.0.iter().filter(|b| b.shadow && b.denied)
     }
 }
 
@@ -101,6 +125,8 @@ impl Denial {
 pub enum Decision {
     Allowed(Report),
     Denied(Denial),
+    /// The shared limiter cannot decide and the failure policy is `deny`.
+    Unavailable,
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -109,10 +135,45 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait Limiter: Send + Sync + 'static {
     /// Decides all charges of one request together, and records them when all pass.
     fn check<'a>(&'a self, charges: &'a [Charge]) -> BoxFuture<'a, Decision>;
+
+    /// Takes one of `limit` concurrency slots of `key`; the slot is freed when the `Lease` drops
+    /// (and, on Redis, by itself after the lease lifetime if its replica dies).
+    fn acquire(self: Arc<Self>, key: BucketKey, limit: u32) -> BoxFuture<'static, Slot>;
 }
 
-/// Folds per-bucket outcomes into one decision: denied when any bucket denies, with the longest
-/// wait (the request passes only when every bucket would admit it).
+/// The answer to a concurrency request.
+pub enum Slot {
+    Granted(Lease),
+    Full,
+    /// The shared limiter cannot decide and the failure policy is `deny`.
+    Unavailable,
+}
+
+/// A held concurrency slot; dropping it frees the slot.
+pub struct Lease(Option<Box<dyn FnOnce() + Send>>);
+
+impl Lease {
+    pub fn new(release: impl FnOnce() + Send + 'static) -> Lease {
+        Lease(Some(Box::new(release)))
+    }
+
+    /// A slot that needs no release (no limit was checked).
+    pub fn none() -> Lease {
+        Lease(None)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(release) = self.0.take() {
+            release();
+        }
+    }
+}
+
+/// Folds per-bucket outcomes into one decision: denied when any enforced bucket denies, with
+/// the longest wait (the request passes only when every bucket would admit it). Shadow buckets
+/// never deny.
 pub fn combine(charges: &[Charge], outcomes: &[gcra::Outcome]) -> Decision {
     let report = Report(
         charges
@@ -123,13 +184,15 @@ pub fn combine(charges: &[Charge], outcomes: &[gcra::Outcome]) -> Decision {
                 rate: c.rate,
                 remaining: if o.allowed { o.remaining } else { 0 },
                 reset: if o.allowed { o.reset } else { o.retry_after },
+                shadow: c.shadow,
+                denied: !o.allowed,
             })
             .collect(),
     );
     let worst = charges
         .iter()
         .zip(outcomes)
-        .filter(|(_, o)| !o.allowed)
+        .filter(|(c, o)| !o.allowed && !c.shadow)
         .max_by_key(|(_, o)| o.retry_after);
     match worst {
         None => Decision::Allowed(report),
@@ -139,4 +202,12 @@ pub fn combine(charges: &[Charge], outcomes: &[gcra::Outcome]) -> Decision {
             report,
         }),
     }
+}
+
+/// Which outcomes to record: all the admitted ones when no enforced bucket denied, else none.
+pub fn commits(charges: &[Charge], outcomes: &[gcra::Outcome]) -> bool {
+    charges
+        .iter()
+        .zip(outcomes)
+        .all(|(c, o)| o.allowed || c.shadow)
 }

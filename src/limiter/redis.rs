@@ -1,0 +1,475 @@
+//! The Redis limiter, shared by every replica: one `EVALSHA` per request checks and updates all
+//! of its buckets atomically (GCRA, the same arithmetic as `gcra.rs`), with time from Redis
+//! `TIME` so replicas with skewed clocks agree. Keys are hash-tagged by account, so it works on
+//! Redis Cluster. redis-rs reloads the script on `NOSCRIPT`; the connection reconnects itself.
+//!
+//! Around it: a local deny-cache (a bucket known empty until T is answered here until T, with no
+//! round trip), a timeout budget on every call, and the failure policy (`local`: an in-memory
+//! GCRA at a share of each limit; `allow`; `deny`) with a warning and a metric when it takes
+//! over, and automatic recovery (a probe every 200 ms while Redis is down).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+
+use super::gcra::{self, Outcome};
+use super::memory::MemoryLimiter;
+use super::{
+    combine, BoxFuture, BucketKey, BucketState, Charge, Decision, Denial, Lease, Limiter, Report,
+    Slot,
+};
+use crate::config::{FailurePolicy, LimiterConfig, Rate};
+use crate::metrics::Metrics;
+
+/// KEYS: the buckets. ARGV: per bucket, interval (µs), burst, cost, shadow (0/1).
+/// Returns: commit flag, then per bucket: allowed, remaining, retry_after (µs), reset (µs).
+const GCRA_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = #KEYS
+local tats = {}
+local out = {0}
+local commit = 1
+for i = 1, n do
+  local a = (i - 1) * 4
+  local interval = tonumber(ARGV[a + 1])
+  local burst = tonumber(ARGV[a + 2])
+  local cost = tonumber(ARGV[a + 3])
+  local shadow = ARGV[a + 4] == '1'
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + cost * interval
+  local allow_at = tat + math.min(cost, burst) * interval - burst * interval
+  if allow_at <= now then
+    tats[i] = new_tat
+    out[#out + 1] = 1
+    out[#out + 1] = math.floor((now + burst * interval - new_tat) / interval)
+    out[#out + 1] = 0
+    out[#out + 1] = new_tat - now
+  else
+    tats[i] = false
+    if not shadow then commit = 0 end
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+    out[#out + 1] = allow_at - now
+    out[#out + 1] = tat - now
+  end
+end
+if commit == 1 then
+  for i = 1, n do
+    if tats[i] then
+      local ttl = math.ceil((tats[i] - now) / 1000) + 1
+      redis.call('SET', KEYS[i], string.format('%.0f', tats[i]), 'PX', ttl)
+    end
+  end
+end
+out[1] = commit
+return out
+"#;
+
+/// KEYS[1]: the account's lease set. ARGV: limit, ttl (ms), lease id.
+/// Returns 1 when a slot was granted, else 0. Expired leases (of dead replicas) are dropped first.
+const ACQUIRE_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+  return 1
+end
+return 0
+"#;
+
+/// While Redis is down, one request in this interval probes it.
+const PROBE_EVERY: Duration = Duration::from_millis(200);
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    async fn invoke<T: redis::FromRedisValue>(
+        &mut self,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Conn::Single(c) => inv.invoke_async(c).await,
+            Conn::Cluster(c) => inv.invoke_async(c).await,
+        }
+    }
+
+    async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match self {
+            Conn::Single(c) => cmd.query_async(c).await,
+            Conn::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
+}
+
+/// A bucket known to be empty (for costs of at least `cost`) until `until`.
+#[derive(Clone, Copy)]
+struct Known {
+    rate: Rate,
+    cost: u64,
+    until: Instant,
+}
+
+pub struct RedisLimiter {
+    conn: ArcSwapOption<Conn>,
+    connecting: AtomicBool,
+    urls: Vec<String>,
+    cluster: bool,
+    gcra: redis::Script,
+    acquire: redis::Script,
+    timeout: Duration,
+    policy: FailurePolicy,
+    fallback: Arc<MemoryLimiter>,
+    lease_ttl: Duration,
+    replica: String,
+    leases: AtomicU64,
+    deny_cache: Mutex<HashMap<BucketKey, Known>>,
+    degraded: AtomicBool,
+    origin: Instant,
+    next_probe: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+impl RedisLimiter {
+    /// Starts connecting in the background: the gateway serves (under the failure policy)
+    /// while Redis is not there yet.
+    pub fn new(cfg: &LimiterConfig, metrics: Arc<Metrics>) -> Result<Arc<RedisLimiter>, String> {
+        let urls = cfg
+            .redis_url
+            .as_ref()
+            .ok_or("limiter.redis_url is not set")?
+            .list()
+            .iter()
+            .map(|u| crate::config::resolve_secret(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        let limiter = Arc::new(RedisLimiter {
+            conn: ArcSwapOption::empty(),
+            connecting: AtomicBool::new(false),
+            urls,
+            cluster: cfg.cluster,
+            gcra: redis::Script::new(GCRA_SCRIPT),
+            acquire: redis::Script::new(ACQUIRE_SCRIPT),
+            timeout: cfg.timeout.0,
+            policy: cfg.failure_policy,
+            fallback: Arc::new(MemoryLimiter::new(cfg.local_share)),
+            lease_ttl: cfg.lease_ttl.0,
+            replica: uuid::Uuid::new_v4().simple().to_string(),
+            leases: AtomicU64::new(0),
+            deny_cache: Mutex::new(HashMap::new()),
+            degraded: AtomicBool::new(false),
+            origin: Instant::now(),
+            next_probe: AtomicU64::new(0),
+            metrics,
+        });
+        limiter.connect_in_background();
+        Ok(limiter)
+    }
+
+    fn connect_in_background(self: &Arc<Self>) {
+        if self.connecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(this) = me.upgrade() else { return };
+                match this.open().await {
+                    Ok(conn) => {
+                        this.conn.store(Some(Arc::new(conn)));
+                        this.connecting.store(false, Ordering::Release);
+                        tracing::info!(urls = ?this.urls, cluster = this.cluster, "connected to Redis");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot connect to Redis yet");
+                        drop(this);
+                        tokio::time::sleep(PROBE_EVERY).await;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn open(&self) -> redis::RedisResult<Conn> {
+        let connect_timeout = (self.timeout * 50).max(Duration::from_millis(250));
+        if self.cluster {
+            let client = redis::cluster::ClusterClient::builder(self.urls.clone())
+                .connection_timeout(connect_timeout)
+                .build()?;
+            Ok(Conn::Cluster(client.get_async_connection().await?))
+        } else {
+            let client = redis::Client::open(self.urls[0].as_str())?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(connect_timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(200));
+            Ok(Conn::Single(
+                ConnectionManager::new_with_config(client, config).await?,
+            ))
+        }
+    }
+
+    fn now_nanos(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
+    }
+
+    /// Whether this request should go to Redis (healthy, or the one probe of this interval).
+    fn should_try(&self) -> bool {
+        if !self.degraded.load(Ordering::Acquire) {
+            return true;
+        }
+        let now = self.now_nanos();
+        let due = self.next_probe.load(Ordering::Acquire);
+        now >= due
+            && self
+                .next_probe
+                .compare_exchange(
+                    due,
+                    now + PROBE_EVERY.as_nanos() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    fn mark_failed(&self, why: &str) {
+        self.metrics.redis_errors.fetch_add(1, Ordering::Relaxed);
+        self.next_probe.store(
+            self.now_nanos() + PROBE_EVERY.as_nanos() as u64,
+            Ordering::Release,
+        );
+        if !self.degraded.swap(true, Ordering::AcqRel) {
+            self.metrics.limiter_degraded.store(1, Ordering::Relaxed);
+            tracing::warn!(error = why, policy = ?self.policy, "Redis limiter unavailable: the failure policy decides until it answers again");
+        }
+    }
+
+    fn mark_healthy(&self) {
+        if self.degraded.swap(false, Ordering::AcqRel) {
+            self.metrics.limiter_degraded.store(0, Ordering::Relaxed);
+            tracing::warn!("Redis limiter recovered: Redis decides again");
+        }
+    }
+
+    fn cached_denial(&self, charges: &[Charge]) -> Option<Denial> {
+        let now = Instant::now();
+        let mut cache = self.deny_cache.lock().ok()?;
+        let mut worst: Option<(&Charge, Duration)> = None;
+        for c in charges.iter().filter(|c| !c.shadow) {
+            if let Some(k) = cache.get(&c.key) {
+                // A changed limit invalidates what was known under the old one.
+                if k.until <= now || k.rate != c.rate {
+                    cache.remove(&c.key);
+                    continue;
+                }
+                if c.cost >= k.cost {
+                    let wait = k.until - now;
+                    if worst.is_none_or(|(_, w)| wait > w) {
+                        worst = Some((c, wait));
+                    }
+                }
+            }
+        }
+        let (c, wait) = worst?;
+        Some(Denial {
+            bucket: c.name.clone(),
+            retry_after: wait,
+            report: Report(vec![BucketState {
+                name: c.name.clone(),
+                rate: c.rate,
+                remaining: 0,
+                reset: wait,
+                shadow: false,
+                denied: true,
+            }]),
+        })
+    }
+
+    fn remember_denials(&self, charges: &[Charge], outcomes: &[Outcome]) {
+        let now = Instant::now();
+        let Ok(mut cache) = self.deny_cache.lock() else {
+            return;
+        };
+        if cache.len() > 100_000 {
+            cache.retain(|_, k| k.until > now);
+        }
+        for (c, o) in charges.iter().zip(outcomes) {
+            if !o.allowed && !c.shadow {
+                cache.insert(
+                    c.key.clone(),
+                    Known {
+                        rate: c.rate,
+                        cost: c.cost,
+                        until: now + o.retry_after,
+                    },
+                );
+            }
+        }
+    }
+
+    async fn ask_redis(&self, charges: &[Charge]) -> Result<Vec<Outcome>, String> {
+        let Some(conn) = self.conn.load_full() else {
+            return Err("not connected".into());
+        };
+        let mut conn = (*conn).clone();
+        let mut inv = self.gcra.prepare_invoke();
+        for c in charges {
+            inv.key(&*c.key.0);
+        }
+        for c in charges {
+            let interval_us = (gcra::interval_nanos(&c.rate) / 1000).max(1);
+            inv.arg(interval_us)
+                .arg(c.rate.burst)
+                .arg(c.cost)
+                .arg(u8::from(c.shadow));
+        }
+        let reply: Vec<i64> = tokio::time::timeout(self.timeout, conn.invoke(&inv))
+            .await
+            .map_err(|_| format!("no answer within {:?}", self.timeout))?
+            .map_err(|e| e.to_string())?;
+        if reply.len() != 1 + 4 * charges.len() {
+            return Err(format!("unexpected script reply of {} values", reply.len()));
+        }
+        let us = |v: i64| Duration::from_micros(v.max(0) as u64);
+        Ok(reply[1..]
+            .chunks(4)
+            .map(|r| Outcome {
+                allowed: r[0] == 1,
+                tat: 0,
+                remaining: r[1].max(0) as u64,
+                retry_after: us(r[2]),
+                reset: us(r[3]),
+            })
+            .collect())
+    }
+
+    fn under_policy(&self, charges: &[Charge]) -> Decision {
+        self.metrics
+            .limiter_fallback
+            .fetch_add(1, Ordering::Relaxed);
+        match self.policy {
+            FailurePolicy::Local => self.fallback.decide(charges),
+            FailurePolicy::Allow => Decision::Allowed(Report::default()),
+            FailurePolicy::Deny => Decision::Unavailable,
+        }
+    }
+
+    async fn decide(self: Arc<Self>, charges: Vec<Charge>) -> Decision {
+        if charges.is_empty() {
+            return Decision::Allowed(Report::default());
+        }
+        if let Some(denial) = self.cached_denial(&charges) {
+            self.metrics.deny_cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Decision::Denied(denial);
+        }
+        if !self.should_try() {
+            return self.under_policy(&charges);
+        }
+        match self.ask_redis(&charges).await {
+            Ok(outcomes) => {
+                self.mark_healthy();
+                let decision = combine(&charges, &outcomes);
+                if matches!(decision, Decision::Denied(_)) {
+                    self.remember_denials(&charges, &outcomes);
+                }
+                decision
+            }
+            Err(why) => {
+                if self.conn.load().is_none() {
+                    self.connect_in_background();
+                }
+                self.mark_failed(&why);
+                self.under_policy(&charges)
+            }
+        }
+    }
+
+    async fn ask_slot(&self, key: &BucketKey, limit: u32, lease: &str) -> Result<bool, String> {
+        let Some(conn) = self.conn.load_full() else {
+            return Err("not connected".into());
+        };
+        let mut conn = (*conn).clone();
+        let mut inv = self.acquire.prepare_invoke();
+        inv.key(&*key.0)
+            .arg(limit)
+            .arg(self.lease_ttl.as_millis() as u64)
+            .arg(lease);
+        let granted: i64 = tokio::time::timeout(self.timeout, conn.invoke(&inv))
+            .await
+            .map_err(|_| format!("no answer within {:?}", self.timeout))?
+            .map_err(|e| e.to_string())?;
+        Ok(granted == 1)
+    }
+
+    /// A concurrency slot: a lease in the account's sorted set, scored by its expiry.
+    async fn slot(self: Arc<Self>, key: BucketKey, limit: u32) -> Slot {
+        if !self.should_try() {
+            return self.slot_under_policy(key, limit);
+        }
+        let lease = format!(
+            "{}:{}",
+            self.replica,
+            self.leases.fetch_add(1, Ordering::Relaxed)
+        );
+        match self.ask_slot(&key, limit, &lease).await {
+            Ok(true) => {
+                self.mark_healthy();
+                let me = self.clone();
+                Slot::Granted(Lease::new(move || {
+                    tokio::spawn(async move {
+                        if let Some(conn) = me.conn.load_full() {
+                            let mut conn = (*conn).clone();
+                            let cmd = redis::cmd("ZREM").arg(&*key.0).arg(&lease).clone();
+                            let _ =
+                                tokio::time::timeout(me.timeout * 4, conn.query::<i64>(&cmd)).await;
+                        }
+                    });
+                }))
+            }
+            Ok(false) => {
+                self.mark_healthy();
+                Slot::Full
+            }
+            Err(why) => {
+                self.mark_failed(&why);
+                self.slot_under_policy(key, limit)
+            }
+        }
+    }
+
+    fn slot_under_policy(&self, key: BucketKey, limit: u32) -> Slot {
+        self.metrics
+            .limiter_fallback
+            .fetch_add(1, Ordering::Relaxed);
+        match self.policy {
+            FailurePolicy::Local => self.fallback.take_slot(key, limit),
+            FailurePolicy::Allow => Slot::Granted(Lease::none()),
+            FailurePolicy::Deny => Slot::Unavailable,
+        }
+    }
+}
+
+/// The trait is implemented on the `Arc` so a decision can outlive a borrowed call.
+pub struct SharedRedis(pub Arc<RedisLimiter>);
+
+impl Limiter for SharedRedis {
+    fn check<'a>(&'a self, charges: &'a [Charge]) -> BoxFuture<'a, Decision> {
+        Box::pin(self.0.clone().decide(charges.to_vec()))
+    }
+
+    fn acquire(self: Arc<Self>, key: BucketKey, limit: u32) -> BoxFuture<'static, Slot> {
+        Box::pin(self.0.clone().slot(key, limit))
+    }
+}

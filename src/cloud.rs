@@ -29,7 +29,8 @@ pub fn me_workspaces(
     if method != Method::GET {
         return Err(GatewayError::NotFound);
     }
-    let list: Vec<_> = gw
+    let tenancy = gw.tenancy();
+    let list: Vec<_> = tenancy
         .tenants
         .workspaces_of(&p.account.id)
         .into_iter()

@@ -1,8 +1,11 @@
 //! The running gateway's shared state: tenancy and keys from the config, the limiter, the
 //! upstream client, the settings each layer reads, metrics and the shutdown signal.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use crate::config::{Backend, Config, ServerConfig};
 use crate::keys::KeyStore;
@@ -42,9 +45,25 @@ impl Settings {
     }
 }
 
-pub struct Gateway {
+/// What a config reload replaces: accounts (with their policies), workspaces and keys.
+pub struct Tenancy {
     pub tenants: Tenants,
     pub keys: KeyStore,
+}
+
+impl Tenancy {
+    pub fn from_config(cfg: &Config) -> Result<Tenancy, String> {
+        Ok(Tenancy {
+            tenants: Tenants::from_config(cfg)?,
+            keys: KeyStore::from_config(&cfg.keys)?,
+        })
+    }
+}
+
+pub struct Gateway {
+    tenancy: ArcSwap<Tenancy>,
+    /// The file to re-read on SIGHUP (none for the embedded dev setup).
+    pub config_path: Option<PathBuf>,
     pub limiter: Arc<dyn Limiter>,
     pub upstream: UpstreamClient,
     pub settings: Settings,
@@ -64,13 +83,36 @@ impl Gateway {
             )?)),
         };
         Ok(Gateway {
-            tenants: Tenants::from_config(cfg)?,
-            keys: KeyStore::from_config(&cfg.keys)?,
+            tenancy: ArcSwap::from_pointee(Tenancy::from_config(cfg)?),
+            config_path: None,
             limiter,
             upstream: UpstreamClient::new(cfg.server.upstream_connect_timeout.0),
             settings: Settings::from_config(&cfg.server, &cfg.limiter),
             metrics,
             shutdown: Shutdown::default(),
         })
+    }
+
+    /// The current accounts, workspaces and keys.
+    pub fn tenancy(&self) -> Arc<Tenancy> {
+        self.tenancy.load_full()
+    }
+
+    /// Re-reads the config file and swaps in its accounts, plans, workspaces and keys. A file
+    /// with problems changes nothing. Listen addresses and the limiter backend need a restart.
+    pub fn reload(&self) -> Result<(), String> {
+        let Some(path) = &self.config_path else {
+            return Err("the embedded dev setup has no file to reload".into());
+        };
+        let origin = path.display().to_string();
+        let mut cfg = Config::load(path).map_err(|p| p.to_string())?;
+        cfg.apply_env();
+        let problems = cfg.problems(&origin);
+        if !problems.is_empty() {
+            let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+            return Err(list.join("; "));
+        }
+        self.tenancy.store(Arc::new(Tenancy::from_config(&cfg)?));
+        Ok(())
     }
 }

@@ -137,8 +137,8 @@ impl Policy {
             per_workspace: p.per_workspace,
             routes,
             concurrency: p.concurrency,
-            api_key: BucketKey::new(&account, API),
-            logs_key: BucketKey::new(&account, LOGS_EVENTS),
+            api_key: bucket(&account, API, p.api.as_ref()),
+            logs_key: bucket(&account, LOGS_EVENTS, p.logs_events.as_ref()),
             account,
         })
     }
@@ -182,7 +182,7 @@ impl Policy {
         if let Some((method, rest)) = u.route {
             for r in self.routes.iter().filter(|r| r.class.matches(method, rest)) {
                 push(
-                    BucketKey::new(&self.account, &format!("route:{}", r.name)),
+                    bucket(&self.account, &format!("route:{}", r.name), Some(&r.limit)),
                     r.name.clone(),
                     &r.limit,
                     u.api.max(1),
@@ -190,6 +190,24 @@ impl Policy {
             }
         }
         out
+    }
+}
+
+/// A bucket's key names its rate too: when a limit changes (a config reload), the bucket starts
+/// afresh under the new rate instead of carrying a debt measured in the old one, and nothing
+/// remembered about the old bucket (the deny-cache) applies to the new.
+fn bucket(account: &Uuid, scope: &str, limit: Option<&Limit>) -> BucketKey {
+    match limit {
+        Some(l) => BucketKey::new(
+            account,
+            &format!(
+                "{scope}@{}/{}ms/{}",
+                l.rate.count,
+                l.rate.period.as_millis(),
+                l.rate.burst
+            ),
+        ),
+        None => BucketKey::new(account, scope),
     }
 }
 

@@ -41,6 +41,7 @@ fn builder(gw: &Gateway) -> auto::Builder<TokioExecutor> {
 pub async fn run(gw: Arc<Gateway>, main: TcpListener, admin: TcpListener) -> anyhow::Result<()> {
     let signal = shutdown::signal();
     tokio::pin!(signal);
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     tokio::spawn(serve_admin(gw.clone(), admin));
 
     let graceful = GracefulShutdown::new();
@@ -73,6 +74,10 @@ pub async fn run(gw: Arc<Gateway>, main: TcpListener, admin: TcpListener) -> any
                     }
                 });
             }
+            _ = hangup.recv() => match gw.reload() {
+                Ok(()) => tracing::info!("config reloaded: accounts, plans, workspaces and keys"),
+                Err(e) => tracing::warn!(error = %e, "config reload refused; the running config stays"),
+            },
             _ = &mut signal => break,
         }
     }

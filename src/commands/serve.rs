@@ -43,7 +43,9 @@ pub async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
             list.join("\n")
         );
     }
-    let gw = Arc::new(Gateway::from_config(&cfg).map_err(|e| anyhow::anyhow!(e))?);
+    let mut gw = Gateway::from_config(&cfg).map_err(|e| anyhow::anyhow!(e))?;
+    gw.config_path = config;
+    let gw = Arc::new(gw);
     let (main, main_addr) = server::bind(&cfg.server.listen, "server.listen").await?;
     let (admin, admin_addr) = server::bind(&cfg.server.admin_listen, "server.admin_listen").await?;
     tracing::info!(listen = %main_addr, admin = %admin_addr, config = %origin, "tollgate listening");

@@ -23,8 +23,9 @@ pub fn layer(gw: &Arc<Gateway>) -> Stage<Auth> {
 
 /// The principal a presented key stands for.
 pub fn principal(gw: &Gateway, presented: &str) -> Result<Principal, GatewayError> {
-    let key = gw.keys.verify(presented)?;
-    let account = gw
+    let tenancy = gw.tenancy();
+    let key = tenancy.keys.verify(presented)?;
+    let account = tenancy
         .tenants
         .account(&key.account)
         .cloned()

@@ -42,7 +42,8 @@ pub fn resolve(
             workspace,
             rest,
         } => {
-            let ws = gw
+            let tenancy = gw.tenancy();
+            let ws = tenancy
                 .tenants
                 .workspace(&workspace)
                 .filter(|w| w.account.id == account)

@@ -302,8 +302,10 @@ fn self_hosted_client_with_only_an_api_key_is_told_how_to_keep_its_task_runs() {
         ("PREFECT_API_URL".into(), workspace_api_url(&gw, WS_DEFAULT)),
         ("PREFECT_API_KEY".into(), KEY.into()),
     ];
-    // Such a client sends no key on events/in: the gateway must refuse that socket and say why.
-    let _ = run_flow(&ClientHome::new(), &env, "e2e-self-hosted-key-only");
+    // Such a client sends no key on events/in: the gateway must refuse that socket and say why,
+    // to the operator (a WARN line) and to the user (the close reason, which Prefect prints).
+    let flow_name = "e2e-self-hosted-key-only";
+    let run = run_flow(&ClientHome::new(), &env, flow_name);
     let warned = gw.wait_for_log("PREFECT_API_AUTH_STRING", Duration::from_secs(10));
     let logs = gw.logs();
     let lines: Vec<&str> = logs
@@ -313,6 +315,20 @@ fn self_hosted_client_with_only_an_api_key_is_told_how_to_keep_its_task_runs() {
     assert!(
         warned && lines.iter().any(|l| l.contains("WARN")),
         "expected a WARN log line naming PREFECT_API_AUTH_STRING, got {lines:#?}"
+    );
+    assert!(
+        run.stderr.contains("PREFECT_API_AUTH_STRING"),
+        "expected the client to show the close reason naming PREFECT_API_AUTH_STRING:\n{}",
+        run.describe()
+    );
+    // Its HTTP calls (bearer key) still work: the flow run itself is recorded.
+    let rec = server.wait_for_flow(flow_name, 0, RECORD_TIMEOUT);
+    assert_eq!(
+        rec.flow_run_state(),
+        Some("COMPLETED"),
+        "flow runs: {:?}\nclient:\n{}",
+        rec.flow_runs,
+        run.describe()
     );
 }
 

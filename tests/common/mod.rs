@@ -6,5 +6,8 @@
 pub mod fixture;
 pub mod gateway;
 pub mod http;
+pub mod load;
 pub mod prefect;
+pub mod ratelimit;
+pub mod redis;
 pub mod upstream;

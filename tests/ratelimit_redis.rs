@@ -1,0 +1,318 @@
+//! The Redis limiter shared by replicas, against real `redis-server` processes the tests start:
+//! exact across 3 gateway processes (one Redis, and a 3-master Redis Cluster built with
+//! `redis-cli --cluster create`), replicas with skewed clocks agreeing, and the deny-cache
+//! (a flood from an over-limit key makes no Redis calls, counted with `INFO commandstats`).
+//!
+//! The load tests hold [`HEAVY`] so that two of them never share this small machine's cores.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::fixture::*;
+use common::gateway::Gateway;
+use common::load::{by_status, drive, KeepAlive, Load, Sample};
+use common::ratelimit::*;
+use common::redis::{RedisCluster, RedisServer};
+use common::upstream::{Behaviour, TestUpstream};
+
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().await
+}
+
+/// 300 per 10 s (one every 33.333 ms), burst 10.
+const RATE: u64 = 300;
+const PERIOD: Duration = Duration::from_secs(10);
+const BURST: u64 = 10;
+const API: &str = "api = { rate = \"300/10s\", burst = 10 }";
+
+/// The GCRA emission interval as the Redis script uses it (whole microseconds, rounded down).
+fn interval_secs() -> f64 {
+    ((PERIOD.as_micros() as u64 / RATE) as f64) / 1e6
+}
+
+struct Accuracy {
+    admitted: usize,
+    limit: f64,
+    elapsed: Duration,
+    statuses: std::collections::BTreeMap<u16, usize>,
+    per_gateway: Vec<usize>,
+}
+
+/// Drives `factor` times the rate at the gateways (`clients` keep-alive connections each) for
+/// `windows` periods and compares what was admitted with rate x elapsed + burst.
+async fn drive_at(gws: &[Gateway], clients: usize, factor: f64, windows: u32) -> Accuracy {
+    let offered_per_s = factor * RATE as f64 / PERIOD.as_secs_f64();
+    let n = gws.len() * clients;
+    let interval = Duration::from_secs_f64(n as f64 / offered_per_s);
+    let start = Instant::now();
+    let samples: Vec<Sample> = drive(Load {
+        urls: gws.iter().map(|g| g.url(&ws_path("flows/"))).collect(),
+        headers: vec![("authorization".into(), bearer(KEY))],
+        clients,
+        interval,
+        until: start + PERIOD * windows,
+    })
+    .await;
+    let first = samples.iter().map(|s| s.sent).min().unwrap();
+    let last = samples.iter().map(|s| s.done).max().unwrap();
+    let elapsed = last - first;
+    let admitted = samples.iter().filter(|s| s.status == 200).count();
+    let mut per_gateway = vec![0; gws.len()];
+    for s in samples.iter().filter(|s| s.status == 200) {
+        per_gateway[s.target] += 1;
+    }
+    Accuracy {
+        admitted,
+        limit: elapsed.as_secs_f64() / interval_secs() + BURST as f64,
+        elapsed,
+        statuses: by_status(&samples),
+        per_gateway,
+    }
+}
+
+fn assert_exact(what: &str, a: &Accuracy) {
+    let ratio = a.admitted as f64 / a.limit;
+    eprintln!(
+        "{what}: admitted {} in {:.3} s; limit rate x elapsed + burst = {:.1}; admitted / limit = {ratio:.4}; \
+         per gateway {:?}; statuses {:?}",
+        a.admitted,
+        a.elapsed.as_secs_f64(),
+        a.limit,
+        a.per_gateway,
+        a.statuses
+    );
+    let unexpected: Vec<_> = a
+        .statuses
+        .iter()
+        .filter(|(s, _)| **s != 200 && **s != 429)
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "{what}: answers other than 200/429: {unexpected:?}"
+    );
+    assert!(
+        a.admitted as f64 <= a.limit,
+        "{what}: admitted {} > rate x elapsed + burst = {:.1}",
+        a.admitted,
+        a.limit
+    );
+    assert!(
+        ratio >= 0.99,
+        "{what}: admitted {} < 99% of rate x elapsed + burst = {:.1} (ratio {ratio:.4})",
+        a.admitted,
+        a.limit
+    );
+    assert!(
+        a.per_gateway.iter().all(|n| *n > 0),
+        "{what}: a gateway admitted nothing: {:?}",
+        a.per_gateway
+    );
+}
+
+async fn three_gateways(backend: &Backend, up: &TestUpstream) -> Vec<Gateway> {
+    let cfg = LimitsConfig::new(&up.url(), backend)
+        .plan(API)
+        .plan("logs_events = \"100000/1m\"");
+    let mut gws = Vec::new();
+    for _ in 0..3 {
+        gws.push(start_gateway(&cfg).await);
+    }
+    gws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_one_redis_admit_exactly_the_limit_under_5x_load() {
+    let _heavy = heavy().await;
+    let redis = RedisServer::start();
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gws = three_gateways(&Backend::Redis(redis.url()), &up).await;
+    let calls_before = redis.script_calls();
+    let a = drive_at(&gws, 4, 5.0, 3).await;
+    let calls = redis.script_calls() - calls_before;
+    let total: usize = a.statuses.values().sum();
+    eprintln!(
+        "single Redis: {calls} script calls for {total} requests ({} admitted, {} refused): \
+         {:.3} calls per request",
+        a.admitted,
+        total - a.admitted,
+        calls as f64 / total as f64
+    );
+    assert_exact("3 replicas, single Redis, 5x load, 3 windows", &a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_a_redis_cluster_admit_exactly_the_limit_under_5x_load() {
+    let _heavy = heavy().await;
+    let cluster = RedisCluster::start(3);
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gws = three_gateways(&Backend::Cluster(cluster.urls()), &up).await;
+    let before = cluster.script_calls_per_node();
+    let a = drive_at(&gws, 4, 5.0, 3).await;
+    let after = cluster.script_calls_per_node();
+    let per_node: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    eprintln!("cluster: script calls per node during the load: {per_node:?}");
+    assert_exact("3 replicas, 3-master Redis Cluster, 5x load, 3 windows", &a);
+    // Every bucket of one account is hash-tagged into one slot, so one node holds them all.
+    assert_eq!(
+        per_node.iter().filter(|n| **n > 0).count(),
+        1,
+        "the account's buckets are spread over several nodes: {per_node:?}"
+    );
+    let holder = &cluster.nodes[per_node.iter().position(|n| *n > 0).unwrap()];
+    let keys = holder.keys(&format!("tg:{{{ACCOUNT}}}:*"));
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with(&format!("tg:{{{ACCOUNT}}}:api"))),
+        "no tg:{{account}}:api key on the node that answered: {keys:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_whose_clocks_differ_by_a_minute_agree_on_the_shared_bucket() {
+    let _heavy = heavy().await;
+    let redis = RedisServer::start();
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let cfg = LimitsConfig::new(&up.url(), &Backend::Redis(redis.url())).plan(API);
+    // The gateway takes its time from Redis TIME; a skew of its own clock must change nothing.
+    let ahead = start_gateway_with(&cfg, &[("TOLLGATE_CLOCK_SKEW_MS", "+30000")]).await;
+    let behind = start_gateway_with(&cfg, &[("TOLLGATE_CLOCK_SKEW_MS", "-30000")]).await;
+    let a = drive_at(&[ahead, behind], 4, 5.0, 1).await;
+    assert_exact("2 replicas with clocks 60 s apart, 5x load, 1 window", &a);
+}
+
+/// Sends `n` GETs with KEY over `conns` keep-alive connections; the statuses and the
+/// Retry-After values seen.
+async fn flood(gw: &Gateway, n: usize, conns: usize) -> (Vec<u16>, Vec<u64>) {
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let url = gw.url(&ws_path("flows/"));
+        let per = n / conns;
+        tasks.push(tokio::spawn(async move {
+            let mut c = KeepAlive::new(&url);
+            let headers = vec![("authorization".to_string(), bearer(KEY))];
+            let mut out = Vec::new();
+            for _ in 0..per {
+                let (status, h) = c.get(&headers).await;
+                let ra = h
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                out.push((status, ra));
+            }
+            out
+        }));
+    }
+    let mut statuses = Vec::new();
+    let mut retry = Vec::new();
+    for t in tasks {
+        for (s, ra) in t.await.unwrap() {
+            statuses.push(s);
+            retry.extend(ra);
+        }
+    }
+    (statuses, retry)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_an_over_limit_key_is_answered_from_the_deny_cache_without_redis_calls() {
+    let redis = RedisServer::start();
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    // 2 per 10 s: after 2 requests the next one is 5 s away.
+    let cfg = LimitsConfig::new(&up.url(), &Backend::Redis(redis.url())).plan("api = \"2/10s\"");
+    let gw = start_gateway(&cfg).await;
+    for _ in 0..2 {
+        assert_eq!(get(&gw, &ws_path("flows/")).await.status, 200);
+    }
+    let first = get(&gw, &ws_path("flows/")).await;
+    assert_eq!(first.status, 429, "{}", first.text());
+    let before = redis.script_calls();
+    let started = Instant::now();
+    let (statuses, retry) = flood(&gw, 200, 4).await;
+    let took = started.elapsed();
+    let calls = redis.script_calls() - before;
+    let hits = metric(&gw, "tollgate_deny_cache_hits_total").await;
+    eprintln!(
+        "deny-cache: 200 requests of an over-limit key in {took:?}: {calls} EVALSHA/EVAL calls \
+         (tollgate_deny_cache_hits_total {hits:?})"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "the flood outlived the cached denial: {took:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 429),
+        "statuses: {:?}",
+        by_status_u16(&statuses)
+    );
+    assert_eq!(retry.len(), 200, "every 429 carries Retry-After");
+    assert!(
+        retry.iter().all(|r| (1..=5).contains(r)),
+        "Retry-After values {retry:?}"
+    );
+    assert!(
+        calls <= 3,
+        "{calls} Redis script calls while the denial is cached"
+    );
+    // Once the cached denial ends Redis decides again, and admits.
+    tokio::time::sleep(Duration::from_secs(*retry.iter().max().unwrap())).await;
+    let before = redis.script_calls();
+    let again = get(&gw, &ws_path("flows/")).await;
+    assert_eq!(again.status, 200, "after Retry-After: {}", again.text());
+    assert!(
+        redis.script_calls() > before,
+        "the admitted request was decided by Redis"
+    );
+}
+
+fn by_status_u16(s: &[u16]) -> std::collections::BTreeMap<u16, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for x in s {
+        *m.entry(*x).or_insert(0) += 1;
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_limit_applies_at_once_after_a_reload_despite_a_cached_denial() {
+    let redis = RedisServer::start();
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let base = LimitsConfig::new(&up.url(), &Backend::Redis(redis.url()));
+    let gw = start_gateway(&base.clone().plan("api = \"2/1m\"")).await;
+    for _ in 0..2 {
+        assert_eq!(get(&gw, &ws_path("flows/")).await.status, 200);
+    }
+    let denied = get(&gw, &ws_path("flows/")).await;
+    assert_eq!(denied.status, 429);
+    assert!(
+        retry_after(&denied) >= 20,
+        "cached for a while: {}",
+        retry_after(&denied)
+    );
+    // The config file the gateway was started with sits in its working directory.
+    let cwd = std::fs::read_link(format!("/proc/{}/cwd", gw.pid())).expect("gateway cwd");
+    std::fs::write(
+        cwd.join("tollgate.toml"),
+        base.plan("api = \"100/1m\"").toml(),
+    )
+    .unwrap();
+    gw.signal("HUP");
+    assert!(
+        gw.wait_for_log("config reloaded", Duration::from_secs(5)),
+        "no reload:\n{}",
+        gw.logs()
+    );
+    let after = get(&gw, &ws_path("flows/")).await;
+    assert_eq!(
+        after.status,
+        200,
+        "the new limit of 100/1m: {}",
+        after.text()
+    );
+    assert_eq!(
+        member(&policy_field(&after), "api", "RateLimit-Policy").param("q"),
+        100
+    );
+}

@@ -1,0 +1,1214 @@
+//! The benchmark: tollgate against the direct path and a plain nginx reverse proxy, side by side
+//! in one run, on the same fixed-response upstream. Prints one table and writes it to
+//! BENCHMARKS.md (or, with `--quick`, to target/bench-quick.md) with the command and the machine.
+//!
+//! Run it with `bench/run` (which builds the release binary and installs nginx and
+//! redis-server when missing). The machine is shared and noisy: every case is run several times,
+//! the cases alternate, and the table reports medians and ratios to nginx, not absolutes.
+//!
+//! Layout on 2 cores: the proxy under test (tollgate or nginx, one worker) is pinned to CPU 0;
+//! the load client and the upstream share CPU 1. CPU per request is read from /proc/<pid>/stat,
+//! so it measures the proxy alone whatever the other core does.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+const ACCOUNT: &str = "11111111-1111-4111-8111-111111111111";
+const WORKSPACE: &str = "22222222-2222-4222-8222-222222222222";
+const KEY: &str = "pnu_benchbenchbenchbenchbenchbench12";
+const BODY: &[u8] =
+    br#"{"id":"5a3c1f9e-0000-4000-8000-000000000000","name":"bench","state_type":"COMPLETED"}"#;
+
+struct Opts {
+    quick: bool,
+    seconds: f64,
+    runs: usize,
+    conns: usize,
+    out: PathBuf,
+    tollgate: PathBuf,
+    skip_prefect: bool,
+}
+
+fn opts() -> Opts {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Opts {
+        quick,
+        seconds: value("--seconds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if quick { 2.0 } else { 8.0 }),
+        runs: value("--runs")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if quick { 1 } else { 3 }),
+        conns: value("--conns").and_then(|v| v.parse().ok()).unwrap_or(32),
+        out: value("--out").map(PathBuf::from).unwrap_or_else(|| {
+            if quick {
+                root.join("target/bench-quick.md")
+            } else {
+                root.join("BENCHMARKS.md")
+            }
+        }),
+        tollgate: std::env::var("TOLLGATE_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join("target/release/tollgate")),
+        skip_prefect: args.iter().any(|a| a == "--no-prefect"),
+    }
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn wait_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what} did not listen on {port} within 30 s");
+}
+
+/// A process of the benchmark, killed when dropped.
+struct Proc {
+    child: Child,
+    name: String,
+}
+
+impl Proc {
+    fn spawn(name: &str, cpu: Option<usize>, cmd: &mut Command) -> Proc {
+        let mut full = match cpu {
+            Some(c) if have("taskset") => {
+                let mut t = Command::new("taskset");
+                t.arg("-c").arg(c.to_string()).arg(cmd.get_program());
+                t.args(cmd.get_args());
+                for (k, v) in cmd.get_envs() {
+                    match v {
+                        Some(v) => t.env(k, v),
+                        None => t.env_remove(k),
+                    };
+                }
+                t
+            }
+            _ => {
+                let mut t = Command::new(cmd.get_program());
+                t.args(cmd.get_args());
+                for (k, v) in cmd.get_envs() {
+                    if let Some(v) = v {
+                        t.env(k, v);
+                    }
+                }
+                t
+            }
+        };
+        let child = full
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            child,
+            name: name.to_string(),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{} did not stop on SIGTERM; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// utime + stime of a process, its threads and its child processes (nginx's worker), in µs.
+fn cpu_micros(pid: u32) -> u64 {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    own_cpu_micros(pid)
+        + children
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .map(cpu_micros)
+            .sum::<u64>()
+}
+
+fn own_cpu_micros(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // Linux reports in clock ticks of 1/100 s (USER_HZ) on every platform we run on.
+    ticks * 10_000
+}
+
+/// RSS of a process and its children (nginx's master and worker).
+fn rss_kib(pid: u32) -> u64 {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    own_rss_kib(pid)
+        + children
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .map(rss_kib)
+            .sum::<u64>()
+}
+
+fn own_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// The fixed-response upstream, run as `bench upstream PORT` in its own process.
+async fn upstream(port: u16) {
+    let listener = TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("upstream bind");
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(async move {
+            let svc = service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(
+                    hyper::Response::builder()
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from_static(BODY)))
+                        .expect("static response"),
+                )
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+#[derive(Default, Clone)]
+struct Stats {
+    ok: u64,
+    errors: u64,
+    secs: f64,
+    latencies_us: Vec<u32>,
+}
+
+impl Stats {
+    fn rps(&self) -> f64 {
+        self.ok as f64 / self.secs
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let mut v = self.latencies_us.clone();
+        v.sort_unstable();
+        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+        v[i] as f64
+    }
+}
+
+#[derive(Clone)]
+struct Target {
+    addr: SocketAddr,
+    path: String,
+    key: bool,
+}
+
+async fn connect(
+    addr: SocketAddr,
+) -> Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
+    let tcp = TcpStream::connect(addr).await.ok()?;
+    let _ = tcp.set_nodelay(true);
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    Some(send)
+}
+
+/// `conns` keep-alive connections, each sending the next request when the last one is answered
+/// (closed loop), or, with `rate`, at fixed intervals measured from the intended send time (so
+/// a stall is charged to the latency, not hidden).
+async fn load(target: &Target, conns: usize, secs: f64, rate: Option<f64>) -> Stats {
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let t = target.clone();
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = Stats::default();
+            let Some(mut send) = connect(t.addr).await else {
+                s.errors += 1;
+                return s;
+            };
+            let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
+            let mut next = Instant::now()
+                + interval.map_or(Duration::ZERO, |i| i.mul_f64(c as f64 / conns as f64));
+            while !stop.load(Ordering::Relaxed) {
+                if interval.is_some() {
+                    tokio::time::sleep_until(next.into()).await;
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                }
+                let sent = if interval.is_some() {
+                    next
+                } else {
+                    Instant::now()
+                };
+                let mut req = hyper::Request::builder()
+                    .uri(&t.path)
+                    .header("host", "bench")
+                    .header("user-agent", "prefect/3.9.1 (API 0.8.4)");
+                if t.key {
+                    req = req.header("authorization", format!("Bearer {KEY}"));
+                }
+                let req = req.body(Empty::new()).expect("request");
+                if send.ready().await.is_err() {
+                    match connect(t.addr).await {
+                        Some(s2) => send = s2,
+                        None => {
+                            s.errors += 1;
+                            break;
+                        }
+                    }
+                }
+                match send.send_request(req).await {
+                    Ok(resp) => {
+                        let ok = resp.status().is_success();
+                        let _ = resp.into_body().collect().await;
+                        if ok {
+                            s.ok += 1;
+                            s.latencies_us
+                                .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        } else {
+                            s.errors += 1;
+                        }
+                    }
+                    Err(_) => {
+                        s.errors += 1;
+                        match connect(t.addr).await {
+                            Some(s2) => send = s2,
+                            None => break,
+                        }
+                    }
+                }
+                if let Some(i) = interval {
+                    next += i;
+                }
+            }
+            s
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = Stats {
+        secs: started.elapsed().as_secs_f64(),
+        ..Stats::default()
+    };
+    for t in tasks {
+        if let Ok(s) = t.await {
+            total.ok += s.ok;
+            total.errors += s.errors;
+            total.latencies_us.extend(s.latencies_us);
+        }
+    }
+    total
+}
+
+fn tollgate_config(
+    dir: &Path,
+    name: &str,
+    upstream: u16,
+    limiter: &str,
+    plan: &str,
+    extra_keys: usize,
+) -> PathBuf {
+    let mut cfg = format!(
+        r#"[server]
+max_in_flight = 100000
+[limiter]
+{limiter}
+[plans.bench]
+{plan}
+[[accounts]]
+id = "{ACCOUNT}"
+handle = "bench"
+plan = "bench"
+[[workspaces]]
+id = "{WORKSPACE}"
+account = "{ACCOUNT}"
+handle = "default"
+upstream = "http://127.0.0.1:{upstream}"
+[[keys]]
+id = "bench"
+hash = "{}"
+account = "{ACCOUNT}"
+"#,
+        tollgate::keys::hash_string(KEY)
+    );
+    for i in 0..extra_keys {
+        let _ = write!(
+            cfg,
+            "[[keys]]\nid = \"k{i}\"\nhash = \"{}\"\naccount = \"{ACCOUNT}\"\n",
+            tollgate::keys::hash_string(&format!("pnu_many{i:08}"))
+        );
+    }
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, cfg).expect("write config");
+    path
+}
+
+struct Proxy {
+    proc: Proc,
+    port: u16,
+}
+
+fn start_tollgate(
+    o: &Opts,
+    dir: &Path,
+    name: &str,
+    upstream: u16,
+    limiter: &str,
+    plan: &str,
+    extra_keys: usize,
+) -> Proxy {
+    let cfg = tollgate_config(dir, name, upstream, limiter, plan, extra_keys);
+    let port = free_port();
+    let admin = free_port();
+    let proc = Proc::spawn(
+        name,
+        Some(0),
+        Command::new(&o.tollgate)
+            .arg("serve")
+            .arg("--config")
+            .arg(&cfg)
+            .env("TOLLGATE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("TOLLGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            // Access logs off, as nginx's are below: the benchmark measures the proxy.
+            .env("TOLLGATE_LOG", "warn"),
+    );
+    wait_port(port, name);
+    Proxy { proc, port }
+}
+
+fn start_nginx(dir: &Path, upstream: u16) -> Option<Proxy> {
+    if !have("nginx") {
+        eprintln!("nginx is not installed (apt-get install nginx-light): its rows are left out");
+        return None;
+    }
+    let port = free_port();
+    let prefix = dir.join("nginx");
+    std::fs::create_dir_all(prefix.join("logs")).ok()?;
+    let conf = format!(
+        r#"worker_processes 1;
+daemon off;
+user root;
+pid {p}/nginx.pid;
+error_log {p}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {p}/body; proxy_temp_path {p}/proxy;
+  fastcgi_temp_path {p}/fcgi; uwsgi_temp_path {p}/uwsgi; scgi_temp_path {p}/scgi;
+  upstream prefect {{ server 127.0.0.1:{upstream}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://prefect;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    }}
+  }}
+}}
+"#,
+        p = prefix.display()
+    );
+    let path = prefix.join("nginx.conf");
+    std::fs::write(&path, conf).ok()?;
+    let proc = Proc::spawn(
+        "nginx",
+        Some(0),
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&path)
+            .arg("-p")
+            .arg(&prefix),
+    );
+    wait_port(port, "nginx");
+    Some(Proxy { proc, port })
+}
+
+fn redis_calls(port: u16) -> BTreeMap<String, u64> {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "info", "commandstats"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    out.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("cmdstat_")?;
+            let (name, stats) = rest.split_once(':')?;
+            let calls = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+            Some((name.to_string(), calls.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Round trips the gateways made: the top-level commands they send (the script calls and lease
+/// releases), not the GET/SET a script runs inside Redis.
+fn redis_round_trips(port: u16) -> u64 {
+    redis_calls(port)
+        .iter()
+        .filter(|(k, _)| matches!(k.as_str(), "evalsha" | "eval" | "script|load" | "zrem"))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[derive(Default)]
+struct Row {
+    rps: Vec<f64>,
+    cpu_us: Vec<f64>,
+    errors: u64,
+    rss_load_kib: u64,
+    redis_per_req: Option<f64>,
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("{cores} cores ({cpu}), Linux")
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if args.get(1).map(String::as_str) == Some("upstream") {
+        let port = args
+            .get(2)
+            .and_then(|p| p.parse().ok())
+            .expect("bench upstream PORT");
+        rt.block_on(upstream(port));
+        return;
+    }
+    let o = opts();
+    // Read before the load client pins itself to one core.
+    let machine = machine();
+    assert!(
+        o.tollgate.exists(),
+        "{} is missing: run `cargo build --release --bin tollgate` (bench/run does)",
+        o.tollgate.display()
+    );
+    let report = rt.block_on(run(&o, &machine));
+    print!("{report}");
+    std::fs::write(&o.out, &report).expect("write the report");
+    eprintln!("written to {}", o.out.display());
+}
+
+const BIG: &str = r#"api = "1000000000/1m"
+logs_events = "1000000000/1m""#;
+
+async fn run(o: &Opts, machine: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let me = std::env::current_exe().expect("own path");
+    let up_port = free_port();
+    let _upstream = Proc::spawn(
+        "upstream",
+        Some(1),
+        Command::new(&me).arg("upstream").arg(up_port.to_string()),
+    );
+    wait_port(up_port, "upstream");
+    // The load client shares CPU 1 with the upstream.
+    if have("taskset") {
+        let _ = Command::new("taskset")
+            .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status();
+    }
+
+    let redis_port = free_port();
+    let redis = have("redis-server").then(|| {
+        let p = Proc::spawn(
+            "redis-server",
+            Some(1),
+            Command::new("redis-server").args([
+                "--port",
+                &redis_port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]),
+        );
+        wait_port(redis_port, "redis-server");
+        p
+    });
+    let redis_limiter = format!(
+        "backend = \"redis\"\nredis_url = \"redis://127.0.0.1:{redis_port}\"\ntimeout = \"20ms\""
+    );
+
+    let ws = format!("/api/accounts/{ACCOUNT}/workspaces/{WORKSPACE}/flows/bench");
+    let mut cases: Vec<(&str, Option<Proxy>, Target)> = vec![(
+        "direct (upstream)",
+        None,
+        Target {
+            addr: ([127, 0, 0, 1], up_port).into(),
+            path: "/api/flows/bench".into(),
+            key: false,
+        },
+    )];
+    if let Some(n) = start_nginx(dir.path(), up_port) {
+        let port = n.port;
+        cases.push((
+            "nginx (plain proxy)",
+            Some(n),
+            Target {
+                addr: ([127, 0, 0, 1], port).into(),
+                path: "/api/flows/bench".into(),
+                key: false,
+            },
+        ));
+    }
+    let plain = start_tollgate(
+        o,
+        dir.path(),
+        "tollgate-nolimit",
+        up_port,
+        "backend = \"memory\"",
+        "",
+        0,
+    );
+    let memory = start_tollgate(
+        o,
+        dir.path(),
+        "tollgate-memory",
+        up_port,
+        "backend = \"memory\"",
+        BIG,
+        0,
+    );
+    for (name, p) in [
+        ("tollgate, auth, no limiter", plain),
+        ("tollgate, auth + memory limiter", memory),
+    ] {
+        let port = p.port;
+        cases.push((
+            name,
+            Some(p),
+            Target {
+                addr: ([127, 0, 0, 1], port).into(),
+                path: ws.clone(),
+                key: true,
+            },
+        ));
+    }
+    if redis.is_some() {
+        let p = start_tollgate(
+            o,
+            dir.path(),
+            "tollgate-redis",
+            up_port,
+            &redis_limiter,
+            BIG,
+            0,
+        );
+        let port = p.port;
+        cases.push((
+            "tollgate, auth + Redis limiter",
+            Some(p),
+            Target {
+                addr: ([127, 0, 0, 1], port).into(),
+                path: ws.clone(),
+                key: true,
+            },
+        ));
+    }
+
+    // Warm up every path (connection pools, the Redis script cache).
+    for (_, _, t) in &cases {
+        let _ = load(t, 4, 0.3, None).await;
+    }
+
+    let mut rows: Vec<Row> = cases.iter().map(|_| Row::default()).collect();
+    for run in 0..o.runs {
+        // Alternate the order so drift on a shared machine does not favour one case.
+        let order: Vec<usize> = if run % 2 == 0 {
+            (0..cases.len()).collect()
+        } else {
+            (0..cases.len()).rev().collect()
+        };
+        for i in order {
+            let (name, proxy, target) = &cases[i];
+            let pid = proxy.as_ref().map(|p| p.proc.pid());
+            let cpu0 = pid.map(cpu_micros);
+            let redis0 = redis.as_ref().map(|_| redis_round_trips(redis_port));
+            let s = load(target, o.conns, o.seconds, None).await;
+            let row = &mut rows[i];
+            row.rps.push(s.rps());
+            row.errors += s.errors;
+            if let (Some(pid), Some(c0)) = (pid, cpu0) {
+                row.cpu_us
+                    .push((cpu_micros(pid) - c0) as f64 / s.ok.max(1) as f64);
+                row.rss_load_kib = row.rss_load_kib.max(rss_kib(pid));
+            }
+            if name.contains("Redis") {
+                if let Some(r0) = redis0 {
+                    let trips = redis_round_trips(redis_port).saturating_sub(r0);
+                    row.redis_per_req = Some(trips as f64 / s.ok.max(1) as f64);
+                }
+            }
+            eprintln!(
+                "run {}: {name}: {:.0} req/s, {} errors",
+                run + 1,
+                s.rps(),
+                s.errors
+            );
+        }
+    }
+
+    // Latency at a fixed rate, about 20% of what the slowest path sustains, so no case queues.
+    let slowest = rows
+        .iter()
+        .map(|r| median(r.rps.clone()))
+        .fold(f64::INFINITY, f64::min);
+    let fixed = (slowest * 0.2).max(200.0);
+    let mut latency = Vec::new();
+    for (name, _, target) in &cases {
+        if name.contains("no limiter") {
+            continue;
+        }
+        let s = load(target, 16, o.seconds.max(2.0), Some(fixed)).await;
+        latency.push((
+            *name,
+            s.percentile(0.5),
+            s.percentile(0.99),
+            s.percentile(0.999),
+            s.errors,
+        ));
+    }
+
+    let mem_idle = {
+        let p = start_tollgate(
+            o,
+            dir.path(),
+            "tollgate-idle",
+            up_port,
+            "backend = \"memory\"",
+            BIG,
+            0,
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rss_kib(p.proc.pid())
+    };
+    let many = if o.quick { 10_000 } else { 100_000 };
+    let (mem_many, many_errors) = many_keys(o, dir.path(), up_port, many).await;
+
+    let redis_denied = match &redis {
+        Some(_) => {
+            Some(denied_redis_cost(o, dir.path(), up_port, &redis_limiter, redis_port).await)
+        }
+        None => None,
+    };
+
+    let prefect = if o.skip_prefect {
+        None
+    } else {
+        prefect_flows(o, dir.path()).await
+    };
+
+    render(
+        o,
+        machine,
+        &cases,
+        &rows,
+        fixed,
+        &latency,
+        mem_idle,
+        many,
+        mem_many,
+        many_errors,
+        redis_denied,
+        prefect,
+    )
+}
+
+/// RSS with `n` distinct keys active in the memory limiter (each key its own `per_key` bucket).
+async fn many_keys(o: &Opts, dir: &Path, up_port: u16, n: usize) -> (u64, u64) {
+    let plan = format!("{BIG}\nper_key = \"1000000/1m\"");
+    let p = start_tollgate(
+        o,
+        dir,
+        "tollgate-many",
+        up_port,
+        "backend = \"memory\"",
+        &plan,
+        n,
+    );
+    let addr: SocketAddr = ([127, 0, 0, 1], p.port).into();
+    let next = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let next = next.clone();
+        let errors = errors.clone();
+        tasks.push(tokio::spawn(async move {
+            let Some(mut send) = connect(addr).await else {
+                return;
+            };
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n as u64 {
+                    return;
+                }
+                let req = hyper::Request::builder()
+                    .uri(format!(
+                        "/api/accounts/{ACCOUNT}/workspaces/{WORKSPACE}/flows/x"
+                    ))
+                    .header("host", "bench")
+                    .header("authorization", format!("Bearer pnu_many{i:08}"))
+                    .body(Empty::new())
+                    .expect("request");
+                match send.send_request(req).await {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.into_body().collect().await;
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        if let Some(s) = connect(addr).await {
+                            send = s;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    (rss_kib(p.proc.pid()), errors.load(Ordering::Relaxed))
+}
+
+/// Redis commands per denied request: one key far over its limit, answered by the deny-cache.
+async fn denied_redis_cost(
+    o: &Opts,
+    dir: &Path,
+    up_port: u16,
+    limiter: &str,
+    redis_port: u16,
+) -> (u64, u64) {
+    let p = start_tollgate(
+        o,
+        dir,
+        "tollgate-deny",
+        up_port,
+        limiter,
+        "api = \"1/1h\"",
+        0,
+    );
+    let t = Target {
+        addr: ([127, 0, 0, 1], p.port).into(),
+        path: format!("/api/accounts/{ACCOUNT}/workspaces/{WORKSPACE}/flows/x"),
+        key: true,
+    };
+    let _ = load(&t, 1, 0.2, None).await;
+    let before = redis_round_trips(redis_port);
+    let s = load(&t, 8, o.seconds.min(2.0), None).await;
+    let after = redis_round_trips(redis_port);
+    (s.errors, after.saturating_sub(before))
+}
+
+/// Flow runs per minute with the real Prefect server, direct and through tollgate.
+async fn prefect_flows(o: &Opts, dir: &Path) -> Option<(f64, f64, usize)> {
+    let venv = std::env::var("TOLLGATE_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/tollgate/venv-prefect-3.9.1")
+        });
+    if !venv.join("bin/prefect").exists() {
+        eprintln!(
+            "no Prefect virtualenv at {} (run scripts/setup): the Prefect row is left out",
+            venv.display()
+        );
+        return None;
+    }
+    let home = dir.join("prefect-home");
+    std::fs::create_dir_all(&home).ok()?;
+    let port = free_port();
+    let _server = Proc::spawn(
+        "prefect server",
+        None,
+        Command::new(venv.join("bin/prefect"))
+            .args([
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
+            .env("PREFECT_HOME", &home)
+            .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+            .env("DO_NOT_TRACK", "1"),
+    );
+    wait_port(port, "prefect server");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
+        let ok = Command::new("bash")
+            .arg("-c")
+            .arg(format!("exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET /api/health HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q 200 <&3"))
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let gw = start_tollgate(
+        o,
+        dir,
+        "tollgate-prefect",
+        port,
+        "backend = \"memory\"",
+        "api = \"625/1m\"\nlogs_events = \"2000/1m\"",
+        0,
+    );
+    let flows = if o.quick { 3 } else { 20 };
+    let script = format!(
+        r#"
+import time
+from prefect import flow, task
+@task
+def step(i): return i * 2
+@flow
+def bench_flow():
+    return sum(step(i) for i in range(3))
+bench_flow()  # warm-up: imports, first connections
+t = time.monotonic()
+for _ in range({flows}):
+    bench_flow()
+print(time.monotonic() - t)
+"#
+    );
+    let run = |env: Vec<(&str, String)>| -> Option<f64> {
+        let out = Command::new(venv.join("bin/python"))
+            .arg("-c")
+            .arg(&script)
+            .envs(env)
+            .env("PREFECT_HOME", &home)
+            .env("DO_NOT_TRACK", "1")
+            .env("PREFECT_LOGGING_LEVEL", "WARNING")
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let direct_env = || vec![("PREFECT_API_URL", format!("http://127.0.0.1:{port}/api"))];
+    let gw_env = || {
+        vec![
+            (
+                "PREFECT_CLOUD_API_URL",
+                format!("http://127.0.0.1:{}/api", gw.port),
+            ),
+            (
+                "PREFECT_API_URL",
+                format!(
+                    "http://127.0.0.1:{}/api/accounts/{ACCOUNT}/workspaces/{WORKSPACE}",
+                    gw.port
+                ),
+            ),
+            ("PREFECT_API_KEY", KEY.to_string()),
+        ]
+    };
+    let mut direct = Vec::new();
+    let mut through = Vec::new();
+    for i in 0..o.runs.max(1) {
+        if i % 2 == 0 {
+            direct.push(run(direct_env())?);
+            through.push(run(gw_env())?);
+        } else {
+            through.push(run(gw_env())?);
+            direct.push(run(direct_env())?);
+        }
+    }
+    let per_min = |secs: f64| flows as f64 * 60.0 / secs;
+    Some((per_min(median(direct)), per_min(median(through)), flows))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn render(
+    o: &Opts,
+    machine: &str,
+    cases: &[(&str, Option<Proxy>, Target)],
+    rows: &[Row],
+    fixed: f64,
+    latency: &[(&str, f64, f64, f64, u64)],
+    mem_idle: u64,
+    many: usize,
+    mem_many: u64,
+    many_errors: u64,
+    redis_denied: Option<(u64, u64)>,
+    prefect: Option<(f64, f64, usize)>,
+) -> String {
+    let mut s = String::new();
+    let cmdline: Vec<String> = std::env::args().skip(1).collect();
+    let _ = writeln!(s, "# Benchmarks\n");
+    let _ = writeln!(
+        s,
+        "Command: `bench/run {}` · machine: {} · {} run(s) of {:.0} s per case, {} keep-alive connections, medians.\n",
+        cmdline.join(" "),
+        machine,
+        o.runs,
+        o.seconds,
+        o.conns
+    );
+    let _ = writeln!(
+        s,
+        "The proxy under test (nginx: 1 worker; tollgate: its runtime) is pinned to CPU 0; the load client and the \
+         fixed-response upstream share CPU 1. Throughput is then often bounded by CPU 1 for every case, so the \
+         CPU-per-request column is the fairer measure of a proxy's cost. Access logs are off for both proxies.\n"
+    );
+    let nginx = cases.iter().position(|c| c.0.starts_with("nginx"));
+    let nginx_rps = nginx.map(|i| median(rows[i].rps.clone()));
+    let nginx_cpu = nginx.map(|i| median(rows[i].cpu_us.clone()));
+    let _ = writeln!(s, "## Throughput\n");
+    let _ = writeln!(s, "| case | req/s | vs nginx | proxy CPU µs/req | CPU vs nginx | RSS under load | errors | Redis round trips/req |");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let ratio = |a: f64, b: Option<f64>| {
+        b.filter(|b| *b > 0.0)
+            .map_or("–".to_string(), |b| format!("{:.2}x", a / b))
+    };
+    for ((name, _, _), r) in cases.iter().zip(rows) {
+        let rps = median(r.rps.clone());
+        let cpu = median(r.cpu_us.clone());
+        let _ = writeln!(
+            s,
+            "| {name} | {rps:.0} | {} | {} | {} | {} | {} | {} |",
+            ratio(rps, nginx_rps),
+            if cpu.is_finite() {
+                format!("{cpu:.1}")
+            } else {
+                "–".into()
+            },
+            if cpu.is_finite() {
+                ratio(cpu, nginx_cpu)
+            } else {
+                "–".into()
+            },
+            if r.rss_load_kib > 0 {
+                format!("{:.1} MB", r.rss_load_kib as f64 / 1024.0)
+            } else {
+                "–".into()
+            },
+            r.errors,
+            r.redis_per_req.map_or("–".into(), |v| format!("{v:.2}")),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n## Latency at a fixed {fixed:.0} req/s (about 20% of the slowest case's throughput)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| case | p50 µs | p99 µs | p99.9 µs | p99 added over direct | errors |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+    let direct_p99 = latency.first().map(|l| l.2).unwrap_or(f64::NAN);
+    for (name, p50, p99, p999, errors) in latency {
+        let _ = writeln!(
+            s,
+            "| {name} | {p50:.0} | {p99:.0} | {p999:.0} | {:+.0} µs | {errors} |",
+            p99 - direct_p99
+        );
+    }
+    let _ = writeln!(s, "\n## Memory and Redis\n");
+    let _ = writeln!(s, "| what | value |");
+    let _ = writeln!(s, "|---|---:|");
+    let _ = writeln!(
+        s,
+        "| tollgate RSS at idle | {:.1} MB |",
+        mem_idle as f64 / 1024.0
+    );
+    let _ = writeln!(
+        s,
+        "| tollgate RSS with {many} distinct active keys (memory limiter, one bucket each) | {:.1} MB ({many_errors} errors) |",
+        mem_many as f64 / 1024.0
+    );
+    if let Some((_, cmds)) = redis_denied {
+        let _ = writeln!(
+            s,
+            "| Redis round trips during a flood of denied requests (deny-cache) | {cmds} |"
+        );
+    }
+    if let Some((direct, through, flows)) = prefect {
+        let _ = writeln!(s, "\n## End to end with the real Prefect server\n");
+        let _ = writeln!(
+            s,
+            "| path | flow runs/min ({flows} flows of 3 tasks, median) |"
+        );
+        let _ = writeln!(s, "|---|---:|");
+        let _ = writeln!(s, "| direct | {direct:.1} |");
+        let _ = writeln!(s, "| through tollgate | {through:.1} |");
+        let _ = writeln!(
+            s,
+            "| overhead | {:.1}% |",
+            (direct - through) / direct * 100.0
+        );
+    }
+
+    let _ = writeln!(s, "\n## Targets\n");
+    let _ = writeln!(s, "| target | measured | met |");
+    let _ = writeln!(s, "|---|---|---|");
+    let find = |prefix: &str| cases.iter().position(|c| c.0.starts_with(prefix));
+    let met = |b: bool| if b { "yes" } else { "no" };
+    if let (Some(m), Some(n)) = (find("tollgate, auth + memory"), nginx) {
+        let r = median(rows[m].rps.clone()) / median(rows[n].rps.clone());
+        let c = median(rows[m].cpu_us.clone()) / median(rows[n].cpu_us.clone());
+        let _ = writeln!(s, "| full-stack throughput ≥ 1.0x nginx | {r:.2}x (CPU per request: {c:.2}x nginx's) | {} |", met(r >= 1.0));
+    }
+    if let Some(l) = latency
+        .iter()
+        .find(|l| l.0.starts_with("tollgate, auth + memory"))
+    {
+        let added = l.2 - direct_p99;
+        let _ = writeln!(
+            s,
+            "| p99 added over direct at 20% load ≤ 250 µs | {added:.0} µs | {} |",
+            met(added <= 250.0)
+        );
+    }
+    if let (Some(r), Some(m)) = (
+        find("tollgate, auth + Redis"),
+        find("tollgate, auth + memory"),
+    ) {
+        let x = median(rows[r].rps.clone()) / median(rows[m].rps.clone());
+        let _ = writeln!(
+            s,
+            "| Redis limiter ≥ 0.85x memory limiter | {x:.2}x | {} |",
+            met(x >= 0.85)
+        );
+        if let Some(v) = rows[r].redis_per_req {
+            let _ = writeln!(
+                s,
+                "| ≤ 1 Redis round trip per admitted request | {v:.2} commands | {} |",
+                met(v <= 1.05)
+            );
+        }
+    }
+    if let Some((_, cmds)) = redis_denied {
+        let _ = writeln!(
+            s,
+            "| 0 Redis round trips per cached denial | {cmds} round trips during the flood | {} |",
+            met(cmds <= 2)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "| RSS with {many} active keys ≤ 64 MB | {:.1} MB | {} |",
+        mem_many as f64 / 1024.0,
+        met(mem_many <= 64 * 1024)
+    );
+    let _ = writeln!(
+        s,
+        "| idle RSS ≤ 20 MB | {:.1} MB | {} |",
+        mem_idle as f64 / 1024.0,
+        met(mem_idle <= 20 * 1024)
+    );
+    if let Some((direct, through, _)) = prefect {
+        let o = (direct - through) / direct * 100.0;
+        let _ = writeln!(
+            s,
+            "| end-to-end Prefect overhead ≤ 3% | {o:.1}% | {} |",
+            met(o <= 3.0)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "| gRPC unary ≥ 0.8x REST | not measured: the gRPC front is not on main yet | no |"
+    );
+    s
+}

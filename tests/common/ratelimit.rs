@@ -59,7 +59,7 @@ impl Backend {
 #[derive(Clone)]
 pub struct LimitsConfig {
     pub upstream: String,
-    /// Workspace B's upstream (default: the same as A's).
+    /// Workspace B's upstream (default: the same as A's); warm-up requests go there too.
     pub upstream_b: Option<String>,
     pub backend: Backend,
     pub limiter: Vec<String>,
@@ -168,7 +168,7 @@ id = "{WARM_WS}"
 account = "{WARM_ACCOUNT}"
 handle = "warm"
 name = "Warm"
-upstream = "{up}"
+upstream = "{up_b}"
 
 [[keys]]
 id = "warm"

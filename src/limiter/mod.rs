@@ -175,17 +175,35 @@ impl Drop for Lease {
 /// the longest wait (the request passes only when every bucket would admit it). Shadow buckets
 /// never deny.
 pub fn combine(charges: &[Charge], outcomes: &[gcra::Outcome]) -> Decision {
+    let recorded = commits(charges, outcomes);
     let report = Report(
         charges
             .iter()
             .zip(outcomes)
-            .map(|(c, o)| BucketState {
-                name: c.name.clone(),
-                rate: c.rate,
-                remaining: if o.allowed { o.remaining } else { 0 },
-                reset: if o.allowed { o.reset } else { o.retry_after },
-                shadow: c.shadow,
-                denied: !o.allowed,
+            .map(|(c, o)| {
+                let (remaining, reset) = match (o.allowed, recorded) {
+                    (true, true) => (o.remaining, o.reset),
+                    // Nothing was taken: report the bucket as the refused request left it.
+                    (true, false) => {
+                        let taken = c
+                            .rate
+                            .interval()
+                            .saturating_mul(c.cost.min(u32::MAX as u64) as u32);
+                        (
+                            (o.remaining + c.cost).min(c.rate.burst),
+                            o.reset.saturating_sub(taken),
+                        )
+                    }
+                    (false, _) => (0, o.retry_after),
+                };
+                BucketState {
+                    name: c.name.clone(),
+                    rate: c.rate,
+                    remaining,
+                    reset,
+                    shadow: c.shadow,
+                    denied: !o.allowed,
+                }
             })
             .collect(),
     );

@@ -100,6 +100,16 @@ pub struct Policy {
     api_key: BucketKey,
     logs_key: BucketKey,
     account: Uuid,
+    names: Names,
+}
+
+/// The policy names clients see, made once rather than per request.
+#[derive(Debug, Clone)]
+struct Names {
+    api: Arc<str>,
+    logs_events: Arc<str>,
+    key: Arc<str>,
+    workspace: Arc<str>,
 }
 
 /// What one request uses, for `Policy::charges`.
@@ -140,12 +150,18 @@ impl Policy {
             api_key: bucket(&account, API, p.api.as_ref()),
             logs_key: bucket(&account, LOGS_EVENTS, p.logs_events.as_ref()),
             account,
+            names: Names {
+                api: API.into(),
+                logs_events: LOGS_EVENTS.into(),
+                key: "key".into(),
+                workspace: "workspace".into(),
+            },
         })
     }
 
     /// The buckets a request draws on, each with its cost.
     pub fn charges(&self, u: &Usage<'_>) -> Vec<Charge> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(2);
         let mut push = |key: BucketKey, name: Arc<str>, limit: &Limit, cost: u64| {
             if cost > 0 {
                 out.push(Charge {
@@ -158,15 +174,20 @@ impl Policy {
             }
         };
         if let Some(l) = &self.api {
-            push(self.api_key.clone(), API.into(), l, u.api);
+            push(self.api_key.clone(), self.names.api.clone(), l, u.api);
         }
         if let Some(l) = &self.logs_events {
-            push(self.logs_key.clone(), LOGS_EVENTS.into(), l, u.logs_events);
+            push(
+                self.logs_key.clone(),
+                self.names.logs_events.clone(),
+                l,
+                u.logs_events,
+            );
         }
         if let (Some(l), Some(key)) = (&self.per_key, u.key) {
             push(
                 BucketKey::new(&self.account, &format!("key:{key}")),
-                "key".into(),
+                self.names.key.clone(),
                 l,
                 u.api,
             );
@@ -174,7 +195,7 @@ impl Policy {
         if let (Some(l), Some(ws)) = (&self.per_workspace, u.workspace) {
             push(
                 BucketKey::new(&self.account, &format!("ws:{ws}")),
-                "workspace".into(),
+                self.names.workspace.clone(),
                 l,
                 u.api,
             );

@@ -80,26 +80,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The headers the upstream receives, from the client's: credentials and hop-by-hop removed,
-/// the upstream's auth and `X-Forwarded-*` added. Everything else (User-Agent, X-Prefect-*,
-/// Prefect-Csrf-*) passes unchanged.
-pub fn upstream_headers(
-    client: &HeaderMap,
+/// Turns the client's headers into the ones the upstream receives: credentials and hop-by-hop
+/// removed, the upstream's auth and `X-Forwarded-*` added. Everything else (User-Agent,
+/// X-Prefect-*, Prefect-Csrf-*) passes unchanged.
+pub fn to_upstream_headers(
+    h: &mut HeaderMap,
     peer: Option<SocketAddr>,
     host: Option<&str>,
     upstream: &Upstream,
-) -> HeaderMap {
-    let mut h = client.clone();
-    strip_hop_by_hop(&mut h);
+) {
+    strip_hop_by_hop(h);
     h.remove(header::AUTHORIZATION);
     h.remove("x-api-key");
-    h.remove(header::HOST);
     if let Some(auth) = &upstream.auth_header {
         h.insert(header::AUTHORIZATION, auth.clone());
     }
     if let Some(peer) = peer {
         let ip = peer.ip().to_string();
-        let xff = match client.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
             Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
             _ => ip,
         };
@@ -111,7 +109,7 @@ pub fn upstream_headers(
     if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
         h.insert("x-forwarded-host", v);
     }
-    h
+    h.remove(header::HOST);
 }
 
 /// The host the client addressed: `Host` (HTTP/1.1) or the URI authority (h2).
@@ -155,11 +153,11 @@ pub async fn forward(
     let uri = upstream
         .uri_for(rest, parts.uri.query())
         .map_err(|e| GatewayError::BadRequest(format!("cannot build the upstream URI: {e}")))?;
-    let headers = upstream_headers(&parts.headers, peer, host.as_deref(), upstream);
+    to_upstream_headers(&mut parts.headers, peer, host.as_deref(), upstream);
     let mut out = http::Request::new(body);
     *out.method_mut() = std::mem::take(&mut parts.method);
     *out.uri_mut() = uri;
-    *out.headers_mut() = headers;
+    *out.headers_mut() = std::mem::take(&mut parts.headers);
 
     let timeout = gw.settings.upstream_timeout;
     let sent = tokio::time::timeout(timeout, gw.upstream.client().request(out)).await;

@@ -100,12 +100,9 @@ pub async fn bridge(
     let prefect = offers_prefect(req.headers());
     let principal = req.extensions().get::<Principal>().cloned();
     let peer = req.extensions().get::<ClientAddr>().map(|c| c.0);
-    let mut headers = proxy::upstream_headers(
-        req.headers(),
-        peer,
-        proxy::client_host(&req).as_deref(),
-        &workspace.upstream,
-    );
+    let host = proxy::client_host(&req);
+    let mut headers = req.headers().clone();
+    proxy::to_upstream_headers(&mut headers, peer, host.as_deref(), &workspace.upstream);
     headers.retain_ws_safe();
     let query = req.uri().query().map(str::to_string);
     let target = UpstreamTarget {

@@ -121,7 +121,7 @@ impl KeyStore {
             .filter(|k| bool::from(k.hash.ct_eq(&hash)))
             .ok_or(GatewayError::Unauthorized("invalid API key"))?;
         if let Some(expiry) = found.expires {
-            if OffsetDateTime::now_utc() >= expiry {
+            if crate::clock::now_utc() >= expiry {
                 return Err(GatewayError::Unauthorized("API key expired"));
             }
         }

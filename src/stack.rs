@@ -11,6 +11,7 @@ use tower::ServiceBuilder;
 
 use crate::gateway::Gateway;
 use crate::layers::{auth, limits, ratelimit, request_id, tenant, trace};
+use crate::middleware;
 use crate::route::Router;
 use crate::{Request, Response};
 
@@ -24,6 +25,6 @@ pub fn main_service(gw: Arc<Gateway>) -> MainService {
         .layer(auth::layer(&gw))
         .layer(tenant::layer(&gw))
         .layer(ratelimit::layer(&gw))
-        .service(Router(gw));
+        .service(middleware::service(Router(gw)));
     BoxCloneSyncService::new(stack)
 }

@@ -429,3 +429,107 @@ async fn events_in_over_the_logs_events_rate_is_slowed_but_nothing_is_dropped() 
         "{N} events took {took:?}, far more than the rate implies ({lower:?})"
     );
 }
+
+/// Sends a raw websocket upgrade for events/in (Cloud mode) and returns the socket after 101.
+fn raw_upgrade(addr: std::net::SocketAddr) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: bearer {KEY}\r\n\r\n",
+        ws_path("events/in")
+    );
+    tcp.write_all(req.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            tcp.read(&mut byte).unwrap(),
+            1,
+            "connection closed during the upgrade"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    tcp
+}
+
+#[tokio::test]
+async fn a_broken_websocket_frame_closes_that_socket_only_and_nothing_panics() {
+    use std::io::{Read, Write};
+    let (up, gw) = start().await;
+    // Blocking I/O off the runtime: the test upstream runs on it.
+    let addr = gw.addr;
+    let mut tcp = tokio::task::spawn_blocking(move || raw_upgrade(addr))
+        .await
+        .unwrap();
+    one_session(&up, 0).await;
+    // An unmasked client frame with reserved bits set and a length past the data: a protocol
+    // error three ways over.
+    tcp.write_all(&[
+        0xF1, 0x7F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, b'x',
+    ])
+    .unwrap();
+    let mut rest = Vec::new();
+    let _ = tcp.read_to_end(&mut rest);
+    // The gateway answers with a close frame (opcode 8), or just drops the connection.
+    if let Some(first) = rest.first() {
+        assert_eq!(first & 0x0F, 0x8, "expected a close frame, got {rest:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !up.ws_sessions()[0].closed {
+        assert!(Instant::now() < deadline, "the upstream socket stayed open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another socket works, and nothing panicked.
+    let (mut ws, _) = http::ws_connect(
+        &gw.ws_url(&ws_path("events/in")),
+        &[("authorization", &format!("bearer {KEY}"))],
+        None,
+    )
+    .await
+    .unwrap();
+    ws.send(Message::text(event(7))).await.unwrap();
+    let sessions = up.wait_for_ws_messages(1, Duration::from_secs(10)).await;
+    assert!(sessions
+        .iter()
+        .any(|s| s.messages.iter().any(|m| m.contains("task-run.7"))));
+    assert!(!gw.logs().contains("panicked"), "{}", gw.logs());
+}
+
+#[tokio::test]
+async fn a_cloud_mode_upgrade_to_a_dead_upstream_is_502() {
+    let dead = format!("http://127.0.0.1:{}", common::gateway::free_port());
+    let gw = Gateway::start(&Fixture::new(&dead).toml());
+    let err = http::ws_connect(
+        &gw.ws_url(&ws_path("events/in")),
+        &[("authorization", &format!("bearer {KEY}"))],
+        None,
+    )
+    .await
+    .expect_err("no upstream: the upgrade must be refused");
+    match err {
+        tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 502),
+        other => panic!("expected an HTTP 502 refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_self_hosted_socket_to_a_dead_upstream_closes_1011_after_auth() {
+    let dead = format!("http://127.0.0.1:{}", common::gateway::free_port());
+    let gw = Gateway::start(&Fixture::new(&dead).toml());
+    let (mut ws, _) = http::ws_connect(&gw.ws_url(&ws_path("events/out")), &[], Some("prefect"))
+        .await
+        .unwrap();
+    ws.send(Message::text(format!(
+        r#"{{"type":"auth","token":"{KEY}"}}"#
+    )))
+    .await
+    .unwrap();
+    let (code, reason) = expect_close(&mut ws).await;
+    assert_eq!(code, 1011, "{reason}");
+    assert!(reason.contains("upstream"), "{reason}");
+}

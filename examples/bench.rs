@@ -100,31 +100,22 @@ struct Proc {
 }
 
 impl Proc {
+    /// Starts `program args` (pinned to `cpu` with taskset where it is installed).
     fn spawn(name: &str, cpu: Option<usize>, cmd: &mut Command) -> Proc {
         let mut full = match cpu {
             Some(c) if have("taskset") => {
                 let mut t = Command::new("taskset");
                 t.arg("-c").arg(c.to_string()).arg(cmd.get_program());
-                t.args(cmd.get_args());
-                for (k, v) in cmd.get_envs() {
-                    match v {
-                        Some(v) => t.env(k, v),
-                        None => t.env_remove(k),
-                    };
-                }
                 t
             }
-            _ => {
-                let mut t = Command::new(cmd.get_program());
-                t.args(cmd.get_args());
-                for (k, v) in cmd.get_envs() {
-                    if let Some(v) = v {
-                        t.env(k, v);
-                    }
-                }
-                t
-            }
+            _ => Command::new(cmd.get_program()),
         };
+        full.args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            if let Some(v) = v {
+                full.env(k, v);
+            }
+        }
         let child = full
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -169,47 +160,46 @@ fn have(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// utime + stime of a process, its threads and its child processes (nginx's worker), in µs.
+/// A process and its child processes (nginx's worker), for summing their figures.
+fn tree(pid: u32) -> Vec<u32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let mut all = vec![pid];
+    for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+        all.extend(tree(c));
+    }
+    all
+}
+
+/// utime + stime of a process tree (threads included), in µs.
 fn cpu_micros(pid: u32) -> u64 {
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    own_cpu_micros(pid)
-        + children
-            .split_whitespace()
-            .filter_map(|c| c.parse().ok())
-            .map(cpu_micros)
-            .sum::<u64>()
+    tree(pid)
+        .into_iter()
+        .map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+                + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+            // Linux reports clock ticks of 1/100 s (USER_HZ).
+            ticks * 10_000
+        })
+        .sum()
 }
 
-fn own_cpu_micros(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    // Linux reports in clock ticks of 1/100 s (USER_HZ) on every platform we run on.
-    ticks * 10_000
-}
-
-/// RSS of a process and its children (nginx's master and worker).
+/// RSS of a process tree (nginx's master and worker), in KiB.
 fn rss_kib(pid: u32) -> u64 {
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    own_rss_kib(pid)
-        + children
-            .split_whitespace()
-            .filter_map(|c| c.parse().ok())
-            .map(rss_kib)
-            .sum::<u64>()
-}
-
-fn own_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
-        .unwrap_or(0)
+    tree(pid)
+        .into_iter()
+        .map(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 /// The fixed-response upstream, run as `bench upstream PORT` in its own process.

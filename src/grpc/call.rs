@@ -1,0 +1,222 @@
+//! One transcoded gRPC call's view of its workspace: the REST calls it makes to the upstream
+//! (over the shared pooled client, with the REST proxy's header hygiene), bounded by the
+//! call's deadline, and the extra `logs_events` it draws for a log batch.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use serde_json::Value;
+use tonic::Status;
+
+use crate::error::GatewayError;
+use crate::gateway::Gateway;
+use crate::grpc::{status, CallContext};
+use crate::layers::{ratelimit, ClientAddr, Principal, Target};
+use crate::limiter::Decision;
+use crate::tenancy::Workspace;
+use crate::{proxy, Body};
+
+/// Upstream answers are read whole before they are transcoded; beyond this they are refused.
+const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
+
+/// Metadata that describes the gRPC exchange itself, not the REST call made for it.
+const GRPC_ONLY: [&str; 7] = [
+    "content-type",
+    "content-length",
+    "grpc-timeout",
+    "grpc-encoding",
+    "grpc-accept-encoding",
+    "x-prefect-workspace",
+    "te",
+];
+
+#[derive(Clone)]
+pub struct Call {
+    gw: Arc<Gateway>,
+    pub workspace: Arc<Workspace>,
+    principal: Option<Principal>,
+    headers: HeaderMap,
+    deadline: Option<Instant>,
+}
+
+impl Call {
+    /// The call's workspace and upstream headers, from what the stack put on the request.
+    pub fn of<T>(gw: &Arc<Gateway>, req: &tonic::Request<T>) -> Result<Call, Status> {
+        let ext = req.extensions();
+        let Some(Target::Grpc { workspace }) = ext.get::<Target>() else {
+            return Err(GatewayError::WorkspaceNotFound.to_status());
+        };
+        let ctx = ext.get::<CallContext>().cloned().unwrap_or_default();
+        let mut client = req.metadata().clone().into_headers();
+        for name in GRPC_ONLY {
+            client.remove(name);
+        }
+        let peer = ext.get::<ClientAddr>().map(|c| c.0);
+        let mut headers =
+            proxy::upstream_headers(&client, peer, ctx.host.as_deref(), &workspace.upstream);
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        Ok(Call {
+            gw: gw.clone(),
+            workspace: workspace.clone(),
+            principal: ext.get::<Principal>().cloned(),
+            headers,
+            deadline: ctx.deadline,
+        })
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// One REST call: `{method} /api/{rest}?{query}` with a JSON body; the status, headers and
+    /// whole body of the answer, whatever its status.
+    pub async fn send(
+        &self,
+        method: Method,
+        rest: &str,
+        query: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), GatewayError> {
+        let uri =
+            self.workspace.upstream.uri_for(rest, query).map_err(|e| {
+                GatewayError::BadRequest(format!("cannot build the upstream URI: {e}"))
+            })?;
+        let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let mut headers = self.headers.clone();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        let mut req = http::Request::new(Body::from(bytes));
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+
+        let mut timeout = self.gw.settings.upstream_timeout;
+        if let Some(deadline) = self.deadline {
+            timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        if timeout.is_zero() {
+            return Err(GatewayError::UpstreamTimeout(Duration::ZERO));
+        }
+        let exchange = async {
+            let resp = self.gw.upstream.client().request(req).await.map_err(|e| {
+                use std::error::Error as _;
+                self.gw
+                    .metrics
+                    .upstream_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let why = e.source().map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+                tracing::warn!(upstream = %self.workspace.upstream.authority, error = %why, "upstream request failed");
+                GatewayError::UpstreamUnreachable(why)
+            })?;
+            let (parts, body) = resp.into_parts();
+            let bytes = Limited::new(body, MAX_UPSTREAM_BODY)
+                .collect()
+                .await
+                .map_err(|e| {
+                    GatewayError::UpstreamUnreachable(format!("reading the upstream answer: {e}"))
+                })?
+                .to_bytes();
+            Ok((parts.status, parts.headers, bytes))
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.gw
+                    .metrics
+                    .upstream_timeouts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(GatewayError::UpstreamTimeout(timeout))
+            }
+        }
+    }
+
+    /// A REST call whose 2xx JSON answer is the result; any other status is the mapped error.
+    pub async fn json(
+        &self,
+        method: Method,
+        rest: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, Status> {
+        let (status, headers, bytes) = self
+            .send(method, rest, None, body)
+            .await
+            .map_err(|e| e.to_status())?;
+        if !status.is_success() {
+            return Err(status::upstream_error(status, &headers, &bytes).to_status());
+        }
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes).map_err(|e| {
+            Status::internal(format!(
+                "the upstream answered {status} with a body that is not JSON: {e}"
+            ))
+        })
+    }
+
+    /// Draws `entries` from the account's `logs_events` bucket (the stack charged the call's
+    /// one `api` already). Refused: RESOURCE_EXHAUSTED with RetryInfo, like a REST 429.
+    pub async fn charge_logs_events(&self, entries: u64) -> Result<(), Status> {
+        let Some(p) = &self.principal else {
+            return Ok(());
+        };
+        let charges = ratelimit::charges(&p.account, 0, entries);
+        if charges.is_empty() {
+            return Ok(());
+        }
+        match self.gw.limiter.check(&charges).await {
+            Decision::Allowed(_) => Ok(()),
+            Decision::Denied(denial) => {
+                ratelimit::record_refusal(&self.gw, &p.account, &denial);
+                Err(GatewayError::RateLimited(denial).to_status())
+            }
+        }
+    }
+
+    /// Sleeps for `period`, or fails with DEADLINE_EXCEEDED when the call's deadline comes first.
+    pub async fn pause(&self, period: Duration) -> Result<(), Status> {
+        match self.deadline {
+            Some(deadline) if deadline <= Instant::now() + period => {
+                tokio::time::sleep_until(deadline.into()).await;
+                Err(Status::deadline_exceeded("the call's deadline passed"))
+            }
+            _ => {
+                tokio::time::sleep(period).await;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A UUID the caller named, checked before it becomes part of an upstream path.
+pub fn id(field: &str, value: &str) -> Result<uuid::Uuid, Status> {
+    uuid::Uuid::parse_str(value.trim()).map_err(|_| {
+        let details =
+            tonic_types::ErrorDetails::with_bad_request_violation(field, "must be a UUID");
+        <Status as tonic_types::StatusExt>::with_error_details(
+            tonic::Code::InvalidArgument,
+            format!("{field} {value:?} is not a UUID"),
+            details,
+        )
+    })
+}
+
+/// A name the caller chose, as one path segment.
+pub fn segment(value: &str) -> String {
+    percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// A poll interval asked for in milliseconds: 0 means 1 s; bounded to 200 ms .. 10 s.
+pub fn poll_interval(ms: u32) -> Duration {
+    if ms == 0 {
+        return Duration::from_secs(1);
+    }
+    Duration::from_millis(u64::from(ms).clamp(200, 10_000))
+}

@@ -1,12 +1,51 @@
-//! The one error type of the gateway, rendered to HTTP (`{"detail": ...}`) from the same value
-//! that the gRPC front will render to a `Status`.
+//! The one error type of the gateway, rendered to HTTP (`{"detail": ...}`) and to a gRPC
+//! `Status` from the same value. Every layer renders with `render_for(&req)`, so a gRPC client
+//! gets a `grpc-status` where a REST client gets a JSON body.
 
 use std::time::Duration;
 
 use axum::body::Body;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::limiter::Denial;
+
+/// The wire protocol of a request, read from its `content-type`: it decides how an error is
+/// rendered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    /// `application/grpc`, `application/grpc+proto`, ...
+    Grpc,
+    /// `application/grpc-web*` (browsers, through tonic-web).
+    GrpcWeb,
+}
+
+impl Protocol {
+    pub fn of<B>(req: &http::Request<B>) -> Protocol {
+        Protocol::of_headers(req.headers())
+    }
+
+    pub fn of_headers(headers: &HeaderMap) -> Protocol {
+        let ct = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if ct.starts_with("application/grpc-web") {
+            Protocol::GrpcWeb
+        } else if ct.starts_with("application/grpc") {
+            Protocol::Grpc
+        } else {
+            Protocol::Http
+        }
+    }
+
+    pub fn is_grpc(self) -> bool {
+        self != Protocol::Http
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -38,6 +77,16 @@ pub enum GatewayError {
     LimiterUnavailable,
     #[error("internal error: {0}")]
     Internal(String),
+    /// The upstream refused a call the gRPC front made for its client (a transcoded call).
+    #[error("{detail}")]
+    Upstream {
+        status: StatusCode,
+        detail: String,
+        /// Field errors of a 422: (field path, what is wrong).
+        violations: Vec<(String, String)>,
+        /// The upstream's `Retry-After`, when it sent one.
+        retry_after: Option<Duration>,
+    },
 }
 
 impl GatewayError {
@@ -56,6 +105,101 @@ impl GatewayError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::Upstream { status, .. } => *status,
+        }
+    }
+
+    /// The gRPC rendering. Throttling is RESOURCE_EXHAUSTED with RetryInfo and QuotaFailure,
+    /// never UNAVAILABLE, which clients retry blindly.
+    pub fn to_status(&self) -> Status {
+        let msg = self.to_string();
+        match self {
+            GatewayError::Unauthorized(_) => Status::unauthenticated(msg),
+            GatewayError::WorkspaceNotFound | GatewayError::NotFound => Status::not_found(msg),
+            GatewayError::BadRequest(_) | GatewayError::LengthRequired(_) => {
+                Status::invalid_argument(msg)
+            }
+            GatewayError::PayloadTooLarge(_) | GatewayError::HeadersTooLarge(_) => {
+                Status::resource_exhausted(msg)
+            }
+            GatewayError::RateLimited(denial) => {
+                let mut details = ErrorDetails::with_retry_info(Some(denial.retry_after));
+                details.add_quota_failure_violation(
+                    denial.bucket_name(),
+                    format!(
+                        "the {} rate limit is exhausted; retry in {} s",
+                        denial.bucket_name(),
+                        denial.retry_after_secs()
+                    ),
+                );
+                // The HTTP fields ride along as metadata, for clients that read them.
+                let mut headers = HeaderMap::new();
+                denial.report.write_headers(&mut headers);
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(denial.retry_after_secs()),
+                );
+                Status::with_error_details_and_metadata(
+                    Code::ResourceExhausted,
+                    msg,
+                    details,
+                    MetadataMap::from_headers(headers),
+                )
+            }
+            // Not throttling: the gateway or its limiter cannot serve now, a retry is right.
+            GatewayError::UpstreamUnreachable(_)
+            | GatewayError::Overloaded(_)
+            | GatewayError::LimiterUnavailable => Status::unavailable(msg),
+            GatewayError::UpstreamTimeout(_) => Status::deadline_exceeded(msg),
+            GatewayError::Internal(_) => Status::internal(msg),
+            GatewayError::Upstream {
+                status,
+                violations,
+                retry_after,
+                ..
+            } => {
+                let code = upstream_code(*status);
+                let mut details = ErrorDetails::new();
+                for (field, description) in violations {
+                    details.add_bad_request_violation(field.clone(), description.clone());
+                }
+                if code == Code::ResourceExhausted {
+                    details.set_retry_info(*retry_after);
+                }
+                Status::with_error_details(
+                    code,
+                    format!("upstream {}: {msg}", status.as_u16()),
+                    details,
+                )
+            }
+        }
+    }
+
+    /// Renders in the protocol the request speaks: JSON for REST, a trailers-only response
+    /// with `grpc-status` for gRPC and gRPC-Web.
+    pub fn render_for<B>(self, req: &http::Request<B>) -> Response<Body> {
+        self.render(Protocol::of(req))
+    }
+
+    pub fn render(self, protocol: Protocol) -> Response<Body> {
+        match protocol {
+            Protocol::Http => self.into_response(),
+            Protocol::Grpc | Protocol::GrpcWeb => {
+                let status = self.to_status();
+                let mut resp = Response::new(Body::empty());
+                let ct = if protocol == Protocol::GrpcWeb {
+                    "application/grpc-web+proto"
+                } else {
+                    "application/grpc"
+                };
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+                if status.add_header(resp.headers_mut()).is_err() {
+                    resp.headers_mut()
+                        .insert("grpc-status", HeaderValue::from(Code::Internal as i32));
+                }
+                resp
+            }
         }
     }
 
@@ -88,6 +232,26 @@ impl GatewayError {
         builder
             .body(Body::from(body.to_string()))
             .unwrap_or_else(|_| fallback_response(status))
+    }
+}
+
+/// The gRPC code of an upstream HTTP status, per the table of the gRPC front.
+pub fn upstream_code(status: StatusCode) -> Code {
+    match status.as_u16() {
+        400 | 422 => Code::InvalidArgument,
+        // The upstream refused the gateway's own credentials: the operator's problem.
+        401 => Code::Internal,
+        403 => Code::PermissionDenied,
+        404 | 410 => Code::NotFound,
+        408 => Code::DeadlineExceeded,
+        409 => Code::AlreadyExists,
+        412 => Code::FailedPrecondition,
+        // Prefect's concurrency limits answer 423 "try again later".
+        423 => Code::Aborted,
+        429 => Code::ResourceExhausted,
+        501 => Code::Unimplemented,
+        500..=599 => Code::Unavailable,
+        _ => Code::Unknown,
     }
 }
 

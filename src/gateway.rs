@@ -8,6 +8,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::config::{Backend, Config, ServerConfig};
+use crate::grpc::passthrough::PassthroughServices;
 use crate::keys::KeyStore;
 use crate::limiter::memory::MemoryLimiter;
 use crate::limiter::redis::{RedisLimiter, SharedRedis};
@@ -24,6 +25,7 @@ pub struct Settings {
     pub header_limit: u64,
     pub require_content_length: bool,
     pub upstream_timeout: Duration,
+    pub upstream_connect_timeout: Duration,
     pub max_in_flight: usize,
     pub shutdown_grace: Duration,
     pub trusted_proxies: usize,
@@ -37,6 +39,7 @@ impl Settings {
             header_limit: s.header_limit.0,
             require_content_length: s.require_content_length,
             upstream_timeout: s.upstream_timeout.0,
+            upstream_connect_timeout: s.upstream_connect_timeout.0,
             max_in_flight: s.max_in_flight,
             shutdown_grace: s.shutdown_grace.0,
             trusted_proxies: s.trusted_proxies,
@@ -66,6 +69,8 @@ pub struct Gateway {
     pub config_path: Option<PathBuf>,
     pub limiter: Arc<dyn Limiter>,
     pub upstream: UpstreamClient,
+    /// `[[grpc_passthrough]]`: gRPC services forwarded as they are (a restart changes them).
+    pub grpc_passthrough: PassthroughServices,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
@@ -86,6 +91,7 @@ impl Gateway {
             tenancy: ArcSwap::from_pointee(Tenancy::from_config(cfg)?),
             config_path: None,
             limiter,
+            grpc_passthrough: PassthroughServices::from_config(&cfg.grpc_passthrough)?,
             upstream: UpstreamClient::new(cfg.server.upstream_connect_timeout.0),
             settings: Settings::from_config(&cfg.server, &cfg.limiter),
             metrics,

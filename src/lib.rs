@@ -10,6 +10,7 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod grpc;
 pub mod keys;
 pub mod layers;
 pub mod limiter;

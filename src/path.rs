@@ -31,7 +31,8 @@ fn parse_id(s: &str) -> Result<Uuid, GatewayError> {
     Uuid::parse_str(s).map_err(|_| WORKSPACE_NOT_FOUND)
 }
 
-fn check_segments(rest: &str) -> Result<(), GatewayError> {
+/// Refuses a `.` or `..` segment, or an encoded slash, backslash or NUL, in any spelling.
+pub fn check_segments(rest: &str) -> Result<(), GatewayError> {
     for seg in rest.split('/') {
         let decoded = percent_decode_str(seg).decode_utf8_lossy();
         if decoded == "." || decoded == ".." {

@@ -1,5 +1,5 @@
 //! The innermost service: sends a resolved request to its handler (the Cloud routes answered
-//! here, the websocket bridge, or the REST proxy).
+//! here, the websocket bridge, the REST proxy, or the gRPC front).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -7,16 +7,32 @@ use std::task::{Context, Poll};
 
 use tower::Service;
 
-use crate::error::GatewayError;
+use crate::error::{GatewayError, Protocol};
 use crate::gateway::Gateway;
 use crate::layers::{Principal, Target};
 use crate::limiter::BoxFuture;
-use crate::{cloud, proxy, websocket, Request, Response};
+use crate::{cloud, grpc, proxy, websocket, Request, Response};
 
 #[derive(Clone)]
-pub struct Router(pub Arc<Gateway>);
+pub struct Router {
+    gw: Arc<Gateway>,
+    grpc: grpc::Front,
+}
 
-async fn dispatch(gw: Arc<Gateway>, req: Request) -> Result<Response, GatewayError> {
+impl Router {
+    pub fn new(gw: Arc<Gateway>) -> Router {
+        Router {
+            grpc: grpc::Front::new(gw.clone()),
+            gw,
+        }
+    }
+}
+
+async fn dispatch(
+    gw: Arc<Gateway>,
+    grpc: grpc::Front,
+    req: Request,
+) -> Result<Response, GatewayError> {
     let target = req
         .extensions()
         .get::<Target>()
@@ -35,6 +51,9 @@ async fn dispatch(gw: Arc<Gateway>, req: Request) -> Result<Response, GatewayErr
         Target::Workspace { workspace, rest } => {
             proxy::forward(&gw, req, &workspace.upstream, &rest).await
         }
+        Target::Grpc { .. } | Target::GrpcPassthrough { .. } | Target::GrpcDiscovery => {
+            Ok(grpc.call(req).await)
+        }
     }
 }
 
@@ -48,11 +67,13 @@ impl Service<Request> for Router {
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        let gw = self.0.clone();
+        let gw = self.gw.clone();
+        let grpc = self.grpc.clone();
+        let protocol = Protocol::of(&req);
         Box::pin(async move {
-            Ok(dispatch(gw, req)
+            Ok(dispatch(gw, grpc, req)
                 .await
-                .unwrap_or_else(GatewayError::into_response))
+                .unwrap_or_else(|e| e.render(protocol)))
         })
     }
 }

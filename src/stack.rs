@@ -1,5 +1,5 @@
 //! The tower stack of the main port, written once: the same order serves REST, websocket
-//! upgrades and (later) gRPC.
+//! upgrades and gRPC.
 //!
 //! request id -> trace/metrics -> limits -> authenticate -> resolve tenant -> rate limit -> route
 
@@ -25,6 +25,6 @@ pub fn main_service(gw: Arc<Gateway>) -> MainService {
         .layer(auth::layer(&gw))
         .layer(tenant::layer(&gw))
         .layer(ratelimit::layer(&gw))
-        .service(middleware::service(Router(gw)));
+        .service(middleware::service(Router::new(gw)));
     BoxCloneSyncService::new(stack)
 }

@@ -177,6 +177,11 @@ impl Tenants {
             .and_then(|id| self.workspaces.get(id))
     }
 
+    /// Every workspace of every account.
+    pub fn all_workspaces(&self) -> impl Iterator<Item = &Arc<Workspace>> {
+        self.workspaces.values()
+    }
+
     /// The workspaces of an account, in a stable order.
     pub fn workspaces_of(&self, account: &Uuid) -> Vec<&Arc<Workspace>> {
         let mut v: Vec<_> = self

@@ -33,6 +33,19 @@ pub struct Config {
     pub workspaces: Vec<WorkspaceConfig>,
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
+    #[serde(default)]
+    pub grpc_passthrough: Vec<GrpcPassthroughConfig>,
+}
+
+/// A gRPC service the gateway forwards as it is (authenticated and rate limited) to its own
+/// gRPC upstream: `[[grpc_passthrough]] service = "acme.search.v1.Search"`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcPassthroughConfig {
+    /// The fully qualified service name, `package.Service`.
+    pub service: String,
+    /// The upstream's base URL, `http://host:port` (h2c, no path).
+    pub upstream: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -511,8 +524,57 @@ impl Config {
                 }
             }
         }
+
+        let mut services = HashSet::new();
+        for (i, g) in self.grpc_passthrough.iter().enumerate() {
+            let at = format!("grpc_passthrough[{i}]");
+            if !is_service_name(&g.service) {
+                bad(
+                    format!("{at}.service"),
+                    format!(
+                        "{:?} is not a fully qualified gRPC service name like \"acme.search.v1.Search\"",
+                        g.service
+                    ),
+                );
+            } else if crate::grpc::is_own_service(&g.service) {
+                bad(
+                    format!("{at}.service"),
+                    format!("{:?} is served by the gateway itself", g.service),
+                );
+            }
+            if !services.insert(g.service.clone()) {
+                bad(
+                    format!("{at}.service"),
+                    format!("duplicate pass-through service {:?}", g.service),
+                );
+            }
+            match crate::tenancy::Upstream::parse(&g.upstream, None) {
+                Ok(u) if !u.base_path.is_empty() => bad(
+                    format!("{at}.upstream"),
+                    format!(
+                        "{:?}: a gRPC upstream is http://host:port, without a path",
+                        g.upstream
+                    ),
+                ),
+                Ok(_) => {}
+                Err(e) => bad(format!("{at}.upstream"), e),
+            }
+        }
         out
     }
+}
+
+/// `package.Service`: dot-separated identifiers, at least two.
+fn is_service_name(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.len() >= 2
+        && parts.iter().all(|p| {
+            let mut chars = p.chars();
+            chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
 }
 
 fn check_plan(plan: &PlanConfig, at: &str, bad: &mut impl FnMut(String, String)) {
@@ -606,5 +668,48 @@ account = "11111111-1111-4111-8111-111111111111"
         let err =
             Config::parse("[plans.p]\napi = { rate = \"10/1m\", burst = 0 }\n", "t").unwrap_err();
         assert!(err.to_string().contains("burst"), "{err}");
+    }
+
+    #[test]
+    fn grpc_passthrough_entries_are_checked() {
+        let cfg = Config::parse(
+            r#"
+[[grpc_passthrough]]
+service = "acme.search.v1.Search"
+upstream = "http://127.0.0.1:50051"
+[[grpc_passthrough]]
+service = "acme.search.v1.Search"
+upstream = "http://127.0.0.1:50051/prefix"
+[[grpc_passthrough]]
+service = "NoPackage"
+upstream = "https://secure:443"
+[[grpc_passthrough]]
+service = "grpc.health.v1.Health"
+upstream = "http://127.0.0.1:1"
+"#,
+            "t.toml",
+        )
+        .unwrap();
+        let text: Vec<String> = cfg
+            .problems("t.toml")
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        for needle in [
+            "grpc_passthrough[1].service: duplicate",
+            "grpc_passthrough[1].upstream",
+            "grpc_passthrough[2].service",
+            "grpc_passthrough[2].upstream",
+            "grpc_passthrough[3].service",
+        ] {
+            assert!(
+                text.iter().any(|t| t.contains(needle)),
+                "{needle} missing in {text:?}"
+            );
+        }
+        assert!(
+            !text.iter().any(|t| t.contains("grpc_passthrough[0]")),
+            "{text:?}"
+        );
     }
 }

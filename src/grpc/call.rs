@@ -17,6 +17,7 @@ use crate::gateway::Gateway;
 use crate::grpc::{status, CallContext};
 use crate::layers::{ratelimit, ClientAddr, Principal, Target};
 use crate::limiter::Decision;
+use crate::policy::Usage;
 use crate::tenancy::Workspace;
 use crate::{proxy, Body};
 
@@ -161,22 +162,39 @@ impl Call {
         })
     }
 
-    /// Draws `entries` from the account's `logs_events` bucket (the stack charged the call's
-    /// one `api` already). Refused: RESOURCE_EXHAUSTED with RetryInfo, like a REST 429.
-    pub async fn charge_logs_events(&self, entries: u64) -> Result<(), Status> {
+    /// Draws what the stack could not see from the call's message: `logs_events` entries of
+    /// a log batch, and the route classes of the REST path a `Rest.Call` names (the stack
+    /// charged the call's one `api` already). Refused: RESOURCE_EXHAUSTED with RetryInfo and
+    /// QuotaFailure, like a REST 429.
+    pub async fn charge(
+        &self,
+        logs_events: u64,
+        route: Option<(&Method, &str)>,
+    ) -> Result<(), Status> {
         let Some(p) = &self.principal else {
             return Ok(());
         };
-        let charges = ratelimit::charges(&p.account, 0, entries);
+        let usage = Usage {
+            api: 0,
+            logs_events,
+            key: Some(&p.key.id),
+            workspace: Some(self.workspace.id),
+            route,
+        };
+        let charges = p.account.policy.charges(&usage);
         if charges.is_empty() {
             return Ok(());
         }
         match self.gw.limiter.check(&charges).await {
-            Decision::Allowed(_) => Ok(()),
+            Decision::Allowed(report) => {
+                ratelimit::note_shadow(&self.gw, &p.account, &report);
+                Ok(())
+            }
             Decision::Denied(denial) => {
                 ratelimit::record_refusal(&self.gw, &p.account, &denial);
                 Err(GatewayError::RateLimited(denial).to_status())
             }
+            Decision::Unavailable => Err(GatewayError::LimiterUnavailable.to_status()),
         }
     }
 

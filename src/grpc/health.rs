@@ -55,6 +55,7 @@ fn status(up: bool) -> ServingStatus {
 
 async fn probe(gw: &Gateway, reporter: &HealthReporter) {
     let upstreams: BTreeSet<(String, String)> = gw
+        .tenancy()
         .tenants
         .all_workspaces()
         .map(|w| {

@@ -173,7 +173,7 @@ impl pb::logs_server::Logs for LogsService {
             .map(entry)
             .collect::<Result<Vec<_>, _>>()?;
         let count = entries.len();
-        call.charge_logs_events(count as u64).await?;
+        call.charge(count as u64, None).await?;
         call.json(Method::POST, "logs/", Some(&Value::Array(entries)))
             .await?;
         Ok(Response::new(pb::CreateLogsResponse {

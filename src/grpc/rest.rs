@@ -45,13 +45,12 @@ impl pb::rest_server::Rest for RestService {
         }
         crate::path::check_segments(path).map_err(|e| e.to_status())?;
         let body = r.body.map(from_pb_value);
-        if method == Method::POST && (path == "logs/" || path == "logs") {
-            let entries = match &body {
-                Some(Value::Array(items)) => items.len().max(1),
-                _ => 1,
-            };
-            call.charge_logs_events(entries as u64).await?;
-        }
+        let entries = match &body {
+            _ if method != Method::POST || (path != "logs/" && path != "logs") => 0,
+            Some(Value::Array(items)) => items.len().max(1),
+            _ => 1,
+        };
+        call.charge(entries as u64, Some((&method, path))).await?;
         let query = Some(r.query.as_str()).filter(|q| !q.is_empty());
         let (status, headers, bytes) = call
             .send(method, path, query, body.as_ref())

@@ -1,12 +1,16 @@
 //! Authentication: the API key of the request becomes a `Principal` (key and account).
 //! A `prefect`-subprotocol websocket upgrade without a header credential passes as
 //! `PendingAuth`: the bridge authenticates its first message with the same `KeyStore`.
+//! gRPC calls carry the key in `authorization` metadata, which is this same header; the
+//! discovery services (health, reflection) are answered without one, so `grpcurl` can list
+//! the API before it has a key.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::error::GatewayError;
+use crate::error::{GatewayError, Protocol};
 use crate::gateway::Gateway;
+use crate::grpc;
 use crate::keys;
 use crate::layers::{ClientAddr, PendingAuth, Principal};
 use crate::limiter::{BucketKey, Charge, Decision};
@@ -57,7 +61,7 @@ pub fn client_ip(req: &Request, trusted_proxies: usize) -> Option<IpAddr> {
 impl Auth {
     /// A request without a valid key: 401, or 429 when its IP is over
     /// `limiter.unauthenticated_per_ip` (which slows key guessing down).
-    async fn refuse(&self, ip: Option<IpAddr>, err: GatewayError) -> Response {
+    async fn refuse(&self, ip: Option<IpAddr>, err: GatewayError, protocol: Protocol) -> Response {
         let gw = &self.0;
         if let (Some(limit), Some(ip)) = (gw.settings.unauthenticated_per_ip, ip) {
             let charge = Charge {
@@ -71,22 +75,26 @@ impl Auth {
             {
                 gw.metrics.rate_limited("unauthenticated");
                 tracing::info!(%ip, bucket = "unauthenticated", retry_after_s = denial.retry_after_secs(), "rate limited");
-                return GatewayError::RateLimited(denial).into_response();
+                return GatewayError::RateLimited(denial).render(protocol);
             }
         }
-        err.into_response()
+        err.render(protocol)
     }
 }
 
 impl Middleware for Auth {
     async fn call(&self, mut req: Request, next: Next) -> Response {
+        if grpc::is_discovery(&req) {
+            return run(next, req).await;
+        }
         let ip = client_ip(&req, self.0.settings.trusted_proxies);
+        let protocol = Protocol::of(&req);
         match keys::credential(req.headers()) {
             Ok(Some(presented)) => match principal(&self.0, &presented) {
                 Ok(p) => {
                     req.extensions_mut().insert(p);
                 }
-                Err(e) => return self.refuse(ip, e).await,
+                Err(e) => return self.refuse(ip, e, protocol).await,
             },
             Ok(None) if websocket::is_upgrade(&req) && websocket::offers_prefect(req.headers()) => {
                 req.extensions_mut().insert(PendingAuth);
@@ -95,9 +103,9 @@ impl Middleware for Auth {
                 let e = GatewayError::Unauthorized(
                     "missing API key: send \"Authorization: Bearer <API key>\"",
                 );
-                return self.refuse(ip, e).await;
+                return self.refuse(ip, e, protocol).await;
             }
-            Err(e) => return self.refuse(ip, e).await,
+            Err(e) => return self.refuse(ip, e, protocol).await,
         }
         run(next, req).await
     }

@@ -9,7 +9,7 @@ use http_body::Body as _;
 use http_body_util::Limited;
 use tokio::sync::Semaphore;
 
-use crate::error::GatewayError;
+use crate::error::{GatewayError, Protocol};
 use crate::gateway::Gateway;
 use crate::middleware::{run, Middleware, Next, Stage};
 use crate::{Body, Request, Response};
@@ -64,22 +64,24 @@ pub fn check(req: &Request, s: &crate::gateway::Settings) -> Result<(), GatewayE
 }
 
 pub fn is_grpc(req: &Request) -> bool {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/grpc"))
+    Protocol::of(req).is_grpc()
 }
 
 impl Middleware for Limits {
     async fn call(&self, req: Request, next: Next) -> Response {
         let s = &self.gw.settings;
         if let Err(e) = check(&req, s) {
-            return e.into_response();
+            return e.render_for(&req);
         }
         let Ok(_permit) = self.in_flight.clone().try_acquire_owned() else {
             return GatewayError::Overloaded("too many requests in flight; retry shortly")
-                .into_response();
+                .render_for(&req);
         };
+        // A gRPC stream may run for hours: its bound is per message, kept by the gRPC front
+        // (`crate::grpc`), not on the whole body.
+        if is_grpc(&req) {
+            return run(next, req).await;
+        }
         // Content-Length is checked above; the cap also holds a body that has none.
         let limit = s.body_limit as usize;
         let req = req.map(|b| Body::new(Limited::new(b, limit)));

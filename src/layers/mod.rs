@@ -42,4 +42,14 @@ pub enum Target {
         workspace: Arc<Workspace>,
         rest: String,
     },
+    /// A call to the gateway's own gRPC services, transcoded to this workspace's REST upstream.
+    Grpc {
+        workspace: Arc<Workspace>,
+    },
+    /// A call to a configured pass-through service (`[[grpc_passthrough]]`), forwarded as it is.
+    GrpcPassthrough {
+        service: Arc<str>,
+    },
+    /// gRPC health and reflection: answered by the gateway itself, without a key.
+    GrpcDiscovery,
 }

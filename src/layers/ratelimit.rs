@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::Method;
 use http_body_util::BodyExt;
 
-use crate::error::GatewayError;
+use crate::error::{GatewayError, Protocol};
 use crate::gateway::Gateway;
 use crate::layers::{Principal, Target};
 use crate::limiter::{BucketKey, Decision, Denial, Report, Slot};
@@ -30,8 +30,8 @@ pub fn layer(gw: &Arc<Gateway>) -> Stage<RateLimit> {
 /// An account at its concurrency limit is told to come back soon: slots free up quickly.
 const CONCURRENCY_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Logs a refusal and renders the 429.
-pub fn refuse(gw: &Gateway, account: &Account, denial: crate::limiter::Denial) -> Response {
+/// Counts and logs a refusal; every refusal, REST or gRPC, goes through here.
+pub fn record_refusal(gw: &Gateway, account: &Account, denial: &crate::limiter::Denial) {
     gw.metrics.rate_limited(denial.bucket_name());
     tracing::info!(
         account = %account.handle,
@@ -39,7 +39,17 @@ pub fn refuse(gw: &Gateway, account: &Account, denial: crate::limiter::Denial) -
         retry_after_s = denial.retry_after_secs(),
         "rate limited"
     );
-    GatewayError::RateLimited(denial).into_response()
+}
+
+/// Logs a refusal and renders the 429 (RESOURCE_EXHAUSTED for gRPC).
+pub fn refuse(
+    gw: &Gateway,
+    account: &Account,
+    denial: crate::limiter::Denial,
+    protocol: Protocol,
+) -> Response {
+    record_refusal(gw, account, &denial);
+    GatewayError::RateLimited(denial).render(protocol)
 }
 
 /// Shadow limits never deny; going over one is logged and counted.
@@ -81,10 +91,11 @@ impl Middleware for RateLimit {
         };
         let account = &principal.account;
         let upgrade = websocket::is_upgrade(&req);
+        let protocol = Protocol::of(&req);
         let (req, logs) = if is_logs_post(&req) {
             match count_log_entries(req).await {
                 Ok(r) => r,
-                Err(e) => return e.into_response(),
+                Err(e) => return e.render(protocol),
             }
         } else {
             (req, 0)
@@ -93,6 +104,9 @@ impl Middleware for RateLimit {
             Some(Target::Workspace { workspace, rest }) => {
                 (Some(workspace.id), Some(rest.as_str()))
             }
+            // A gRPC call counts against its workspace; route classes are REST paths (the
+            // Rest service charges them for the path it calls).
+            Some(Target::Grpc { workspace }) => (Some(workspace.id), None),
             _ => (None, None),
         };
         let usage = Usage {
@@ -111,9 +125,9 @@ impl Middleware for RateLimit {
             // A refused upgrade is never retried by the Prefect client, and a lost events/in
             // socket loses task runs: upgrades are counted when there is room, never refused.
             Decision::Denied(_) if upgrade => None,
-            Decision::Denied(denial) => return refuse(&self.0, account, denial),
+            Decision::Denied(denial) => return refuse(&self.0, account, denial, protocol),
             Decision::Unavailable if upgrade => None,
-            Decision::Unavailable => return GatewayError::LimiterUnavailable.into_response(),
+            Decision::Unavailable => return GatewayError::LimiterUnavailable.render(protocol),
         };
         // The concurrency slot is held until the response head is ready.
         let _lease = match account.policy.concurrency {
@@ -128,9 +142,9 @@ impl Middleware for RateLimit {
                             retry_after: CONCURRENCY_RETRY,
                             report: Report::default(),
                         };
-                        return refuse(&self.0, account, denial);
+                        return refuse(&self.0, account, denial, protocol);
                     }
-                    Slot::Unavailable => return GatewayError::LimiterUnavailable.into_response(),
+                    Slot::Unavailable => return GatewayError::LimiterUnavailable.render(protocol),
                 }
             }
         };

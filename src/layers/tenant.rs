@@ -1,11 +1,16 @@
 //! Tenant resolution: the path names an account and workspace; this layer finds them and checks
 //! that the caller's key may use them. Anything unknown or not allowed is the same 404, so the
 //! existence of other tenants' workspaces is never revealed.
+//!
+//! A gRPC call names its workspace in `x-prefect-workspace` metadata instead (the workspace id,
+//! or `account_handle/workspace_handle`), which may be left out when the key allows exactly one
+//! workspace. Pass-through services and the discovery services need no workspace.
 
 use std::sync::Arc;
 
-use crate::error::GatewayError;
+use crate::error::{GatewayError, Protocol};
 use crate::gateway::Gateway;
+use crate::grpc;
 use crate::layers::{PendingAuth, Principal, Target};
 use crate::middleware::{run, Middleware, Next, Stage};
 use crate::path::{self, Route};
@@ -61,12 +66,83 @@ pub fn resolve(
     }
 }
 
+/// The metadata key that names a gRPC call's workspace.
+pub const WORKSPACE_METADATA: &str = "x-prefect-workspace";
+
+/// Resolves a gRPC call: discovery, pass-through, or one of the gateway's services on a
+/// workspace the key may use.
+pub fn resolve_grpc(
+    gw: &Gateway,
+    req: &Request,
+    principal: Option<&Principal>,
+) -> Result<Target, GatewayError> {
+    if grpc::is_discovery(req) {
+        return Ok(Target::GrpcDiscovery);
+    }
+    let service = grpc::service_of(req.uri().path());
+    if let Some(service) = gw.grpc_passthrough.service(service) {
+        return Ok(Target::GrpcPassthrough { service });
+    }
+    let p = principal.ok_or(GatewayError::Unauthorized("missing API key"))?;
+    let workspace = grpc_workspace(gw, req.headers().get(WORKSPACE_METADATA), p)?;
+    Ok(Target::Grpc { workspace })
+}
+
+fn grpc_workspace(
+    gw: &Gateway,
+    named: Option<&http::HeaderValue>,
+    p: &Principal,
+) -> Result<Arc<crate::tenancy::Workspace>, GatewayError> {
+    let tenancy = gw.tenancy();
+    let tenants = &tenancy.tenants;
+    let Some(named) = named else {
+        let usable: Vec<_> = tenants
+            .workspaces_of(&p.account.id)
+            .into_iter()
+            .filter(|w| allowed(p, w))
+            .collect();
+        return match usable.as_slice() {
+            [only] => Ok((*only).clone()),
+            [] => Err(GatewayError::WorkspaceNotFound),
+            many => Err(GatewayError::BadRequest(format!(
+                "this key may use {} workspaces: name one in the \"{WORKSPACE_METADATA}\" \
+                 metadata (its id, or account_handle/workspace_handle)",
+                many.len()
+            ))),
+        };
+    };
+    let text = named
+        .to_str()
+        .map_err(|_| GatewayError::WorkspaceNotFound)?
+        .trim();
+    let ws = match text.split_once('/') {
+        Some((account, workspace)) => tenants.workspace_by_handle(account, workspace),
+        None if text.len() == 36 => uuid::Uuid::parse_str(text)
+            .ok()
+            .and_then(|id| tenants.workspace(&id)),
+        None => None,
+    };
+    ws.filter(|w| allowed(p, w))
+        .cloned()
+        .ok_or(GatewayError::WorkspaceNotFound)
+}
+
 pub fn allowed(p: &Principal, ws: &crate::tenancy::Workspace) -> bool {
     ws.account.id == p.account.id && p.key.allows(ws.id)
 }
 
 impl Middleware for Tenant {
     async fn call(&self, mut req: Request, next: Next) -> Response {
+        if Protocol::of(&req).is_grpc() {
+            let principal = req.extensions().get::<Principal>();
+            return match resolve_grpc(&self.0, &req, principal) {
+                Ok(target) => {
+                    req.extensions_mut().insert(target);
+                    run(next, req).await
+                }
+                Err(e) => e.render_for(&req),
+            };
+        }
         let route = match path::parse(req.uri().path()) {
             Ok(r) => r,
             Err(e) => return e.into_response(),

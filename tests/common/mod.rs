@@ -5,6 +5,7 @@
 
 pub mod fixture;
 pub mod gateway;
+pub mod grpc;
 pub mod http;
 pub mod load;
 pub mod prefect;

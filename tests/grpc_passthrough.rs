@@ -122,7 +122,7 @@ async fn handle(
                 .insert("grpc-message", HeaderValue::from_static("not%20now"));
             r.headers_mut()
                 .insert("x-reason", HeaderValue::from_static("test"));
-            return Ok(r);
+            Ok(r)
         }
         "/test.Echo/Unary" | "/test.Echo/Slow" => {
             let slow = path.ends_with("Slow");

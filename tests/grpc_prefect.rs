@@ -413,12 +413,7 @@ async fn python_grpcio_discovers_by_reflection_and_parses_retry_info() {
             run.describe()
         );
     }
-    assert_eq!(
-        run.value("FLOWS_TYPE").is_some(),
-        true,
-        "{}",
-        run.describe()
-    );
+    assert!(run.value("FLOWS_TYPE").is_some(), "{}", run.describe());
     assert_eq!(
         run.value("CODE").as_deref(),
         Some("RESOURCE_EXHAUSTED"),

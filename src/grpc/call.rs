@@ -52,13 +52,12 @@ impl Call {
             return Err(GatewayError::WorkspaceNotFound.to_status());
         };
         let ctx = ext.get::<CallContext>().cloned().unwrap_or_default();
-        let mut client = req.metadata().clone().into_headers();
+        let mut headers = req.metadata().clone().into_headers();
         for name in GRPC_ONLY {
-            client.remove(name);
+            headers.remove(name);
         }
         let peer = ext.get::<ClientAddr>().map(|c| c.0);
-        let mut headers =
-            proxy::upstream_headers(&client, peer, ctx.host.as_deref(), &workspace.upstream);
+        proxy::to_upstream_headers(&mut headers, peer, ctx.host.as_deref(), &workspace.upstream);
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),

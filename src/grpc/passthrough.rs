@@ -103,7 +103,7 @@ impl Forwarder {
             .cloned()
             .unwrap_or_default();
         let peer = req.extensions().get::<ClientAddr>().map(|c| c.0);
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri = http::Uri::builder()
             .scheme(upstream.scheme.clone())
@@ -111,8 +111,8 @@ impl Forwarder {
             .path_and_query(pq)
             .build()
             .map_err(|e| GatewayError::BadRequest(format!("cannot build the upstream URI: {e}")))?;
-        let mut headers =
-            proxy::upstream_headers(&parts.headers, peer, ctx.host.as_deref(), upstream);
+        let mut headers = std::mem::take(&mut parts.headers);
+        proxy::to_upstream_headers(&mut headers, peer, ctx.host.as_deref(), upstream);
         // TE is hop-by-hop, but gRPC requires `te: trailers` on every hop.
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
         headers.remove(header::CONTENT_LENGTH);

@@ -198,15 +198,24 @@ impl Call {
     }
 
     /// Sleeps for `period`, or fails with DEADLINE_EXCEEDED when the call's deadline comes first.
+    /// A draining gateway ends the stream with UNAVAILABLE, so the client calls another replica.
     pub async fn pause(&self, period: Duration) -> Result<(), Status> {
-        match self.deadline {
-            Some(deadline) if deadline <= Instant::now() + period => {
-                tokio::time::sleep_until(deadline.into()).await;
-                Err(Status::deadline_exceeded("the call's deadline passed"))
+        let wait = async {
+            match self.deadline {
+                Some(deadline) if deadline <= Instant::now() + period => {
+                    tokio::time::sleep_until(deadline.into()).await;
+                    Err(Status::deadline_exceeded("the call's deadline passed"))
+                }
+                _ => {
+                    tokio::time::sleep(period).await;
+                    Ok(())
+                }
             }
-            _ => {
-                tokio::time::sleep(period).await;
-                Ok(())
+        };
+        tokio::select! {
+            r = wait => r,
+            _ = self.gw.shutdown.draining.cancelled() => {
+                Err(Status::unavailable("the gateway is shutting down: call again"))
             }
         }
     }

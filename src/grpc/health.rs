@@ -2,6 +2,9 @@
 //! service's status. The Prefect services are SERVING while every workspace's upstream answers
 //! `GET /api/health`; a pass-through service while its upstream accepts a connection. The
 //! overall status ("") is SERVING when every service is.
+//!
+//! The probe starts with the first health call (which waits for its first round), so a gateway
+//! nobody asks sends its upstreams nothing.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -18,11 +21,38 @@ use crate::Body;
 const PROBE_EVERY: Duration = Duration::from_secs(5);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Starts the probe on the first call to `ensure`.
+#[derive(Clone)]
+pub struct Prober {
+    gw: Arc<Gateway>,
+    reporter: HealthReporter,
+    started: Arc<tokio::sync::OnceCell<()>>,
+}
+
+impl Prober {
+    pub fn new(gw: Arc<Gateway>, reporter: HealthReporter) -> Prober {
+        Prober {
+            gw,
+            reporter,
+            started: Arc::default(),
+        }
+    }
+
+    /// The first caller runs one probe round, then leaves the rest to a task.
+    pub async fn ensure(&self) {
+        self.started
+            .get_or_init(|| async {
+                probe(&self.gw, &self.reporter).await;
+                spawn(self.gw.clone(), self.reporter.clone());
+            })
+            .await;
+    }
+}
+
 /// Runs the probe until the gateway drains.
-pub fn spawn(gw: Arc<Gateway>, reporter: HealthReporter) {
+fn spawn(gw: Arc<Gateway>, reporter: HealthReporter) {
     tokio::spawn(async move {
         loop {
-            probe(&gw, &reporter).await;
             tokio::select! {
                 _ = tokio::time::sleep(PROBE_EVERY) => {}
                 _ = gw.shutdown.draining.cancelled() => {
@@ -33,6 +63,7 @@ pub fn spawn(gw: Arc<Gateway>, reporter: HealthReporter) {
                     return;
                 }
             }
+            probe(&gw, &reporter).await;
         }
     });
 }

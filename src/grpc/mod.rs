@@ -122,6 +122,7 @@ pub fn parse_timeout(value: &[u8]) -> Result<Duration, GatewayError> {
 /// The gRPC front as the router's handler for every gRPC target.
 #[derive(Clone)]
 pub struct Front {
+    health: health::Prober,
     dispatch: Dispatch,
     web: tonic_web::GrpcWebService<Dispatch>,
 }
@@ -130,7 +131,7 @@ impl Front {
     pub fn new(gw: Arc<Gateway>) -> Front {
         let limit = usize::try_from(gw.settings.body_limit).unwrap_or(usize::MAX);
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        health::spawn(gw.clone(), reporter);
+        let health = health::Prober::new(gw.clone(), reporter);
         let mut routes = tonic::service::Routes::new(health_service)
             .add_service(
                 pb::flows_server::FlowsServer::new(flows::FlowsService(gw.clone()))
@@ -181,6 +182,7 @@ impl Front {
             gw,
         };
         Front {
+            health,
             web: tonic_web::GrpcWebLayer::new().layer(dispatch.clone()),
             dispatch,
         }
@@ -198,6 +200,9 @@ impl Front {
             Some(Ok(t)) => Some(Instant::now() + t),
             Some(Err(e)) => return e.render(protocol),
         };
+        if service_of(req.uri().path()) == "grpc.health.v1.Health" {
+            self.health.ensure().await;
+        }
         let host = crate::proxy::client_host(&req);
         req.extensions_mut().insert(CallContext { deadline, host });
         let resp = if protocol == Protocol::GrpcWeb {

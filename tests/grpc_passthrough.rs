@@ -506,3 +506,30 @@ async fn an_upstream_that_breaks_or_crashes_is_unavailable() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 }
+
+#[tokio::test]
+async fn a_message_over_the_body_limit_ends_the_call_resource_exhausted() {
+    let up = EchoUpstream::start().await;
+    let cfg = config(&up, "\"1000/1m\"").replacen("[server]\n", "[server]\nbody_limit = 1024\n", 1);
+    let gw = Gateway::start(&cfg);
+    let mut c = client(&gw).await;
+    let err = c
+        .unary(
+            authed("x".repeat(4000), KEY, None),
+            PathAndQuery::from_static("/test.Echo/Unary"),
+            codec(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    c.ready().await.expect("ready");
+    let ok = c
+        .unary(
+            authed("small".to_string(), KEY, None),
+            PathAndQuery::from_static("/test.Echo/Unary"),
+            codec(),
+        )
+        .await
+        .expect("a message within the limit passes");
+    assert_eq!(ok.get_ref(), "small");
+}

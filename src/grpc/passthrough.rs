@@ -239,8 +239,7 @@ impl HttpBody for FrameLimit {
         match frame {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
-                    let chunk = data.chunk().to_vec();
-                    if let Err(status) = self.scan(&chunk) {
+                    if let Err(status) = self.scan(data.chunk()) {
                         let _ = self.tripped.set(status.clone());
                         return Poll::Ready(Some(Err(Box::new(status))));
                     }

@@ -412,7 +412,12 @@ async fn grpc_load(addr: SocketAddr, conns: usize, secs: f64) -> Stats {
                         s.latencies_us
                             .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
                     }
-                    Err(_) => s.errors += 1,
+                    Err(e) => {
+                        if s.errors == 0 && c == 0 {
+                            eprintln!("first gRPC error: {e}");
+                        }
+                        s.errors += 1
+                    }
                 }
             }
             s
@@ -630,6 +635,14 @@ fn main() {
             .and_then(|p| p.parse().ok())
             .expect("bench upstream PORT");
         rt.block_on(upstream(port));
+        return;
+    }
+    if args.get(1).map(String::as_str) == Some("grpc-load") {
+        // `bench grpc-load ADDR SECONDS`: the gRPC client alone, for profiling the gateway.
+        let addr = args.get(2).and_then(|a| a.parse().ok()).expect("bench grpc-load ADDR SECONDS");
+        let secs = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(5.0);
+        let s = rt.block_on(grpc_load(addr, 32, secs));
+        println!("{:.0} calls/s, {} errors", s.rps(), s.errors);
         return;
     }
     let o = opts();

@@ -49,6 +49,9 @@ pub async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let (main, main_addr) = server::bind(&cfg.server.listen, "server.listen").await?;
     let (admin, admin_addr) = server::bind(&cfg.server.admin_listen, "server.admin_listen").await?;
     tracing::info!(listen = %main_addr, admin = %admin_addr, config = %origin, "tollgate listening");
+    // The parsed file is not needed while serving (a reload reads it again); with many keys it
+    // is most of the resident memory.
+    drop(cfg);
     if let Some(key) = dev_key {
         println!("export PREFECT_CLOUD_API_URL=http://{main_addr}/api");
         println!(

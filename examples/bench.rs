@@ -639,7 +639,10 @@ fn main() {
     }
     if args.get(1).map(String::as_str) == Some("grpc-load") {
         // `bench grpc-load ADDR SECONDS`: the gRPC client alone, for profiling the gateway.
-        let addr = args.get(2).and_then(|a| a.parse().ok()).expect("bench grpc-load ADDR SECONDS");
+        let addr = args
+            .get(2)
+            .and_then(|a| a.parse().ok())
+            .expect("bench grpc-load ADDR SECONDS");
         let secs = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(5.0);
         let s = rt.block_on(grpc_load(addr, 32, secs));
         println!("{:.0} calls/s, {} errors", s.rps(), s.errors);

@@ -85,6 +85,24 @@ async fn post(url: &str, headers: &[(&str, &str)], body: serde_json::Value) -> s
     panic!("POST {url}: 503 twenty times");
 }
 
+/// Retries UNAVAILABLE as a gRPC client with a retry policy does: the SQLite-backed server
+/// answers 503 when it is busy under parallel tests, and the gateway maps that to UNAVAILABLE.
+async fn retrying<T, F, Fut>(mut call: F) -> Result<tonic::Response<T>, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    for _ in 0..20 {
+        match call().await {
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
+    call().await
+}
+
 fn string(v: &str) -> prost_types::Value {
     prost_types::Value {
         kind: Some(Kind::StringValue(v.into())),
@@ -124,19 +142,24 @@ async fn a_flow_run_started_over_grpc_is_watched_to_completed_and_its_logs_read_
 
     // Read it back over gRPC by name, then start a run with parameters, tags and a key.
     let ch = channel(gw.addr).await;
-    let mut deployments = DeploymentsClient::new(ch.clone());
-    let by_name = deployments
-        .read_by_name(authed(
-            pb::ReadDeploymentByNameRequest {
-                flow_name: "grpc-e2e-flow".into(),
-                deployment_name: "grpc-e2e".into(),
-            },
-            KEY,
-            None,
-        ))
-        .await
-        .expect("read by name")
-        .into_inner();
+    let deployments = DeploymentsClient::new(ch.clone());
+    let by_name = retrying(|| {
+        let mut c = deployments.clone();
+        async move {
+            c.read_by_name(authed(
+                pb::ReadDeploymentByNameRequest {
+                    flow_name: "grpc-e2e-flow".into(),
+                    deployment_name: "grpc-e2e".into(),
+                },
+                KEY,
+                None,
+            ))
+            .await
+        }
+    })
+    .await
+    .expect("read by name")
+    .into_inner();
     assert_eq!(by_name.id, deployment_id);
     assert_eq!(by_name.entrypoint, "grpc_flow.py:grpc_flow");
 
@@ -149,38 +172,47 @@ async fn a_flow_run_started_over_grpc_is_watched_to_completed_and_its_logs_read_
         idempotency_key: "grpc-e2e-run-1".into(),
         ..Default::default()
     };
-    let run = deployments
-        .create_flow_run(authed(create(), KEY, Some("dev/default")))
-        .await
-        .expect("create flow run")
-        .into_inner();
+    let run = retrying(|| {
+        let mut c = deployments.clone();
+        let req = authed(create(), KEY, Some("dev/default"));
+        async move { c.create_flow_run(req).await }
+    })
+    .await
+    .expect("create flow run")
+    .into_inner();
     assert_eq!(run.deployment_id, deployment_id);
     assert!(run.tags.contains(&"via-grpc".to_string()), "{:?}", run.tags);
     assert_eq!(
         run.state.as_ref().map(|s| s.r#type.as_str()),
         Some("SCHEDULED")
     );
-    let again = deployments
-        .create_flow_run(authed(create(), KEY, None))
-        .await
-        .expect("same key again")
-        .into_inner();
+    let again = retrying(|| {
+        let mut c = deployments.clone();
+        let req = authed(create(), KEY, None);
+        async move { c.create_flow_run(req).await }
+    })
+    .await
+    .expect("same key again")
+    .into_inner();
     assert_eq!(again.id, run.id, "the idempotency key names the same run");
 
     // Watch over gRPC while a real flow process runs it.
-    let mut runs = FlowRunsClient::new(ch.clone());
-    let mut watch = runs
-        .watch(authed(
+    let runs = FlowRunsClient::new(ch.clone());
+    let mut watch = retrying(|| {
+        let mut c = runs.clone();
+        let req = authed(
             pb::WatchFlowRunRequest {
                 id: run.id.clone(),
                 poll_interval_ms: 200,
             },
             KEY,
             None,
-        ))
-        .await
-        .expect("watch")
-        .into_inner();
+        );
+        async move { c.watch(req).await }
+    })
+    .await
+    .expect("watch")
+    .into_inner();
     let first = watch
         .message()
         .await
@@ -221,11 +253,14 @@ async fn a_flow_run_started_over_grpc_is_watched_to_completed_and_its_logs_read_
     );
     assert!(states.iter().any(|s| s == "RUNNING"), "{states:?}");
 
-    let done = runs
-        .read(authed(pb::IdRequest { id: run.id.clone() }, KEY, None))
-        .await
-        .expect("read")
-        .into_inner();
+    let done = retrying(|| {
+        let mut c = runs.clone();
+        let req = authed(pb::IdRequest { id: run.id.clone() }, KEY, None);
+        async move { c.read(req).await }
+    })
+    .await
+    .expect("read")
+    .into_inner();
     let who = done.parameters.and_then(|p| p.fields.get("who").cloned());
     assert_eq!(who, Some(string("grpc")));
 
@@ -271,20 +306,23 @@ async fn errors_of_the_real_server_map_to_grpc_codes() {
     let gw = Gateway::start(&config(&server.url(), "\"10000/1m\""));
     let ch = channel(gw.addr).await;
 
-    let mut flows = FlowsClient::new(ch.clone());
-    let err = flows
-        .read(authed(
+    let flows = FlowsClient::new(ch.clone());
+    let err = retrying(|| {
+        let mut c = flows.clone();
+        let req = authed(
             pb::IdRequest {
                 id: "99999999-0000-4000-8000-000000000000".into(),
             },
             KEY,
             None,
-        ))
-        .await
-        .unwrap_err();
+        );
+        async move { c.read(req).await }
+    })
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
 
-    let mut rest = RestClient::new(ch.clone());
+    let rest = RestClient::new(ch.clone());
     let post = |path: &str, body: serde_json::Value| {
         let serde_json::Value::Object(map) = body else {
             panic!("object")
@@ -303,14 +341,13 @@ async fn errors_of_the_real_server_map_to_grpc_codes() {
             }),
         }
     };
-    let err = rest
-        .call(authed(
-            post("flows/", json!({"not_a_field": "x"})),
-            KEY,
-            None,
-        ))
-        .await
-        .unwrap_err();
+    let err = retrying(|| {
+        let mut c = rest.clone();
+        let req = authed(post("flows/", json!({"not_a_field": "x"})), KEY, None);
+        async move { c.call(req).await }
+    })
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     let bad = err
         .get_details_bad_request()
@@ -321,37 +358,50 @@ async fn errors_of_the_real_server_map_to_grpc_codes() {
     );
 
     let pool = json!({"name": "grpc-e2e-pool", "type": "process"});
-    rest.call(authed(post("work_pools/", pool.clone()), KEY, None))
-        .await
-        .expect("a new work pool");
-    let err = rest
-        .call(authed(post("work_pools/", pool), KEY, None))
-        .await
-        .unwrap_err();
+    retrying(|| {
+        let mut c = rest.clone();
+        let req = authed(post("work_pools/", pool.clone()), KEY, None);
+        async move { c.call(req).await }
+    })
+    .await
+    .expect("a new work pool");
+    let err = retrying(|| {
+        let mut c = rest.clone();
+        let req = authed(post("work_pools/", pool.clone()), KEY, None);
+        async move { c.call(req).await }
+    })
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
 
-    let mut pools = pb::work_pools_client::WorkPoolsClient::new(ch.clone());
-    let listed = pools
-        .list(authed(pb::FilterRequest::default(), KEY, None))
-        .await
-        .expect("list")
-        .into_inner();
+    let pools = pb::work_pools_client::WorkPoolsClient::new(ch.clone());
+    let listed = retrying(|| {
+        let mut c = pools.clone();
+        let req = authed(pb::FilterRequest::default(), KEY, None);
+        async move { c.list(req).await }
+    })
+    .await
+    .expect("list")
+    .into_inner();
     assert!(listed
         .work_pools
         .iter()
         .any(|p| p.name == "grpc-e2e-pool" && p.r#type == "process"));
-    let scheduled = pools
-        .scheduled_runs(authed(
+    let scheduled = retrying(|| {
+        let mut c = pools.clone();
+        let req = authed(
             pb::ScheduledRunsRequest {
                 work_pool_name: "grpc-e2e-pool".into(),
                 ..Default::default()
             },
             KEY,
             None,
-        ))
-        .await
-        .expect("scheduled runs")
-        .into_inner();
+        );
+        async move { c.scheduled_runs(req).await }
+    })
+    .await
+    .expect("scheduled runs")
+    .into_inner();
     assert!(scheduled.runs.is_empty());
 }
 

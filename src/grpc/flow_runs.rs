@@ -193,6 +193,9 @@ impl pb::flow_runs_server::FlowRuns for FlowRunsService {
                         }
                         match w.call.json(Method::GET, &w.path, None).await {
                             Ok(v) => flow_run(v),
+                            // A busy or restarting upstream (503, unreachable) is polled again
+                            // at the next interval: the watch ends only at the deadline.
+                            Err(e) if e.code() == tonic::Code::Unavailable => continue,
                             Err(e) => {
                                 w.done = true;
                                 return Some((Err(e), w));

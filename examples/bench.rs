@@ -308,6 +308,29 @@ async fn connect(
     Some(send)
 }
 
+/// Lets the clients run for `secs`, stops them and adds up what each saw.
+async fn finish(
+    tasks: Vec<tokio::task::JoinHandle<Stats>>,
+    stop: &AtomicBool,
+    started: Instant,
+    secs: f64,
+) -> Stats {
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = Stats {
+        secs: started.elapsed().as_secs_f64(),
+        ..Stats::default()
+    };
+    for t in tasks {
+        if let Ok(s) = t.await {
+            total.ok += s.ok;
+            total.errors += s.errors;
+            total.latencies_us.extend(s.latencies_us);
+        }
+    }
+    total
+}
+
 /// `conns` keep-alive connections, each sending the next request when the last one is answered
 /// (closed loop), or, with `rate`, at fixed intervals measured from the intended send time (so
 /// a stall is charged to the latency, not hidden).
@@ -383,20 +406,7 @@ async fn load(target: &Target, conns: usize, secs: f64, rate: Option<f64>) -> St
             s
         }));
     }
-    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut total = Stats {
-        secs: started.elapsed().as_secs_f64(),
-        ..Stats::default()
-    };
-    for t in tasks {
-        if let Ok(s) = t.await {
-            total.ok += s.ok;
-            total.errors += s.errors;
-            total.latencies_us.extend(s.latencies_us);
-        }
-    }
-    total
+    finish(tasks, &stop, started, secs).await
 }
 
 /// Unary gRPC through the gateway: `Flows.Read`, transcoded to `GET /api/flows/{id}` on the same
@@ -450,20 +460,7 @@ async fn grpc_load(addr: SocketAddr, conns: usize, secs: f64) -> Stats {
             s
         }));
     }
-    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut total = Stats {
-        secs: started.elapsed().as_secs_f64(),
-        ..Stats::default()
-    };
-    for t in tasks {
-        if let Ok(s) = t.await {
-            total.ok += s.ok;
-            total.errors += s.errors;
-            total.latencies_us.extend(s.latencies_us);
-        }
-    }
-    total
+    finish(tasks, &stop, started, secs).await
 }
 
 fn tollgate_config(

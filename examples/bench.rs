@@ -671,6 +671,23 @@ fn main() {
         println!("{:.0} calls/s, {} errors", s.rps(), s.errors);
         return;
     }
+    if args.get(1).map(String::as_str) == Some("http-load") {
+        // `bench http-load ADDR PATH SECONDS [--key]`: the HTTP client alone, for profiling.
+        let addr = args
+            .get(2)
+            .and_then(|a| a.parse().ok())
+            .expect("bench http-load ADDR PATH SECONDS [--key]");
+        let target = Target {
+            addr,
+            path: args.get(3).cloned().unwrap_or_else(|| "/".into()),
+            key: args.iter().any(|a| a == "--key"),
+            grpc: false,
+        };
+        let secs = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(5.0);
+        let s = rt.block_on(load(&target, 32, secs, None));
+        println!("{:.0} req/s, {} errors", s.rps(), s.errors);
+        return;
+    }
     let o = opts();
     // Read before the load client pins itself to one core.
     let machine = machine();

@@ -24,6 +24,10 @@ enum Command {
     Serve {
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Runtime worker threads; default: the CPUs this process may run on. With 1, the
+        /// gateway runs on a single-threaded runtime (no work-stealing overhead).
+        #[arg(long, env = "TOLLGATE_WORKERS")]
+        workers: Option<usize>,
     },
     /// Check a config file and report every problem with its location.
     CheckConfig { file: PathBuf },
@@ -63,11 +67,19 @@ enum Kind {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+        Command::Serve { config, workers } => {
+            let workers = workers
+                .filter(|n| *n > 0)
+                .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+                .unwrap_or(1);
+            let mut builder = if workers == 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(workers);
+                b
+            };
+            let rt = match builder.enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("tollgate: cannot start the runtime: {e}");

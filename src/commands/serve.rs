@@ -48,7 +48,8 @@ pub async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let gw = Arc::new(gw);
     let (main, main_addr) = server::bind(&cfg.server.listen, "server.listen").await?;
     let (admin, admin_addr) = server::bind(&cfg.server.admin_listen, "server.admin_listen").await?;
-    tracing::info!(listen = %main_addr, admin = %admin_addr, config = %origin, "tollgate listening");
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(listen = %main_addr, admin = %admin_addr, config = %origin, workers, "tollgate listening");
     // The parsed file is not needed while serving (a reload reads it again); with many keys it
     // is most of the resident memory.
     drop(cfg);

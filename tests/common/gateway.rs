@@ -30,6 +30,21 @@ pub fn key_hash(key: &str) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
 }
 
+/// The runtime the gateway under test runs on. Both are production paths: one worker (a
+/// single-threaded runtime, as on a one-CPU pod and in the benchmark) or several (work
+/// stealing). The REST, websocket, shutdown and end-to-end suites (`gateway_*`, `e2e_*`) run on
+/// one worker; the gRPC, rate-limit and bad-input suites on two. A test may still pass its own
+/// `TOLLGATE_WORKERS`.
+fn test_workers() -> &'static str {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let name = exe.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if name.starts_with("gateway_") || name.starts_with("e2e_") {
+        "1"
+    } else {
+        "2"
+    }
+}
+
 pub fn tollgate_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tollgate"))
 }
@@ -95,6 +110,7 @@ impl Gateway {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        cmd.env("TOLLGATE_WORKERS", test_workers());
         for (k, v) in envs {
             cmd.env(k, v);
         }

@@ -14,9 +14,9 @@ use crate::limiter::memory::MemoryLimiter;
 use crate::limiter::redis::{RedisLimiter, SharedRedis};
 use crate::limiter::Limiter;
 use crate::metrics::Metrics;
-use crate::proxy::UpstreamClient;
 use crate::shutdown::Shutdown;
 use crate::tenancy::Tenants;
+use crate::upstream::UpstreamClient;
 
 /// What the layers read of `[server]`, in the types they use.
 #[derive(Debug, Clone)]

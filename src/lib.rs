@@ -24,6 +24,7 @@ pub mod server;
 pub mod shutdown;
 pub mod stack;
 pub mod tenancy;
+pub mod upstream;
 pub mod websocket;
 
 pub use axum::body::Body;

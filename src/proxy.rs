@@ -1,49 +1,20 @@
-//! The REST proxy: forwards a request to its workspace's upstream over a pooled hyper client,
-//! streaming bodies both ways. The hygiene of what crosses is here: the client's credentials
-//! never leave, the upstream's own are injected, hop-by-hop headers stop at the gateway, and
-//! `X-Forwarded-*` say where the request came from.
+//! The REST proxy: forwards a request to its workspace's upstream over the pooled client
+//! (`crate::upstream`), streaming bodies both ways. The hygiene of what crosses is here: the
+//! client's credentials never leave, the upstream's own are injected, hop-by-hop headers stop
+//! at the gateway, and `X-Forwarded-*` say where the request came from.
 
-use std::error::Error as _;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body_util::LengthLimitError;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::layers::ClientAddr;
 use crate::tenancy::Upstream;
-use crate::{Body, Request, Response};
+use crate::{Request, Response};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The pooled client every workspace's traffic shares (keep-alive per upstream host).
-#[derive(Clone)]
-pub struct UpstreamClient {
-    client: Client<HttpConnector, Body>,
-}
-
-impl UpstreamClient {
-    pub fn new(connect_timeout: Duration) -> UpstreamClient {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(connector);
-        UpstreamClient { client }
-    }
-
-    pub fn client(&self) -> &Client<HttpConnector, Body> {
-        &self.client
-    }
-}
 
 /// Headers that describe one connection, not the message: never forwarded either way.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -160,7 +131,7 @@ pub async fn forward(
     *out.headers_mut() = std::mem::take(&mut parts.headers);
 
     let timeout = gw.settings.upstream_timeout;
-    let sent = tokio::time::timeout(timeout, gw.upstream.client().request(out)).await;
+    let sent = tokio::time::timeout(timeout, gw.upstream.request(out)).await;
     let resp = match sent {
         Err(_) => {
             gw.metrics
@@ -175,10 +146,7 @@ pub async fn forward(
             gw.metrics
                 .upstream_errors
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let why = e
-                .source()
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| e.to_string());
+            let why = e.to_string();
             tracing::warn!(upstream = %upstream.authority, error = %why, "upstream request failed");
             return Err(GatewayError::UpstreamUnreachable(why));
         }
@@ -186,5 +154,5 @@ pub async fn forward(
     };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, Body::new(body)))
+    Ok(Response::from_parts(parts, body))
 }

@@ -105,13 +105,12 @@ impl Call {
             return Err(GatewayError::UpstreamTimeout(Duration::ZERO));
         }
         let exchange = async {
-            let resp = self.gw.upstream.client().request(req).await.map_err(|e| {
-                use std::error::Error as _;
+            let resp = self.gw.upstream.request(req).await.map_err(|e| {
                 self.gw
                     .metrics
                     .upstream_errors
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let why = e.source().map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+                let why = e.to_string();
                 tracing::warn!(upstream = %self.workspace.upstream.authority, error = %why, "upstream request failed");
                 GatewayError::UpstreamUnreachable(why)
             })?;

@@ -130,7 +130,7 @@ async fn prefect_health(gw: &Gateway, authority: &str, base: &str) -> bool {
     *req.method_mut() = Method::GET;
     *req.uri_mut() = uri;
     matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, gw.upstream.client().request(req)).await,
+        tokio::time::timeout(PROBE_TIMEOUT, gw.upstream.request(req)).await,
         Ok(Ok(resp)) if resp.status().is_success()
     )
 }

@@ -1,19 +1,14 @@
 //! The innermost service: sends a resolved request to its handler (the Cloud routes answered
 //! here, the websocket bridge, the REST proxy, or the gRPC front).
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-
-use tower::Service;
 
 use crate::error::{GatewayError, Protocol};
 use crate::gateway::Gateway;
 use crate::layers::{Principal, Target};
-use crate::limiter::BoxFuture;
+use crate::middleware::Handle;
 use crate::{cloud, grpc, proxy, websocket, Request, Response};
 
-#[derive(Clone)]
 pub struct Router {
     gw: Arc<Gateway>,
     grpc: grpc::Front,
@@ -29,8 +24,8 @@ impl Router {
 }
 
 async fn dispatch(
-    gw: Arc<Gateway>,
-    grpc: grpc::Front,
+    gw: &Arc<Gateway>,
+    grpc: &grpc::Front,
     req: Request,
 ) -> Result<Response, GatewayError> {
     let target = req
@@ -38,18 +33,18 @@ async fn dispatch(
         .get::<Target>()
         .cloned()
         .ok_or(GatewayError::NotFound)?;
-    let principal = req.extensions().get::<Principal>().cloned();
+    let principal = req.extensions().get::<Principal>();
     match target {
         Target::MeWorkspaces => {
             let p = principal.ok_or(GatewayError::Unauthorized("missing API key"))?;
-            cloud::me_workspaces(&gw, req.method(), &p)
+            cloud::me_workspaces(gw, req.method(), p)
         }
         Target::Account { account, rest } => cloud::account_route(req.method(), &account, &rest),
         Target::Workspace { workspace, rest } if websocket::is_upgrade(&req) => {
-            websocket::bridge(gw, req, workspace, rest).await
+            websocket::bridge(gw.clone(), req, workspace, rest).await
         }
         Target::Workspace { workspace, rest } => {
-            proxy::forward(&gw, req, &workspace.upstream, &rest).await
+            proxy::forward(gw, req, &workspace.upstream, &rest).await
         }
         Target::Grpc { .. } | Target::GrpcPassthrough { .. } | Target::GrpcDiscovery => {
             Ok(grpc.call(req).await)
@@ -57,23 +52,11 @@ async fn dispatch(
     }
 }
 
-impl Service<Request> for Router {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
-        let gw = self.gw.clone();
-        let grpc = self.grpc.clone();
+impl Handle for Router {
+    async fn handle(&self, req: Request) -> Response {
         let protocol = Protocol::of(&req);
-        Box::pin(async move {
-            Ok(dispatch(gw, grpc, req)
-                .await
-                .unwrap_or_else(|e| e.render(protocol)))
-        })
+        dispatch(&self.gw, &self.grpc, req)
+            .await
+            .unwrap_or_else(|e| e.render(protocol))
     }
 }

@@ -12,10 +12,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tower::ServiceExt;
 
 use crate::gateway::Gateway;
 use crate::layers::ClientAddr;
+use crate::middleware::Handle;
 use crate::{admin, shutdown, stack, Body};
 
 /// After the deadline, how long closing websockets get to say goodbye.
@@ -45,7 +45,7 @@ pub async fn run(gw: Arc<Gateway>, main: TcpListener, admin: TcpListener) -> any
     tokio::spawn(serve_admin(gw.clone(), admin));
 
     let graceful = GracefulShutdown::new();
-    let svc = stack::main_service(gw.clone());
+    let svc = Arc::new(stack::main_service(gw.clone()));
     let builder = builder(&gw);
     loop {
         tokio::select! {
@@ -64,7 +64,8 @@ pub async fn run(gw: Arc<Gateway>, main: TcpListener, admin: TcpListener) -> any
                 let hyper_svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                     let mut req = req.map(Body::new);
                     req.extensions_mut().insert(ClientAddr(peer));
-                    svc.clone().oneshot(req)
+                    let svc = svc.clone();
+                    async move { Ok::<_, Infallible>(svc.handle(req).await) }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), hyper_svc).into_owned();
                 let conn = graceful.watch(conn);

@@ -3,21 +3,18 @@
 //!
 //! request id -> trace/metrics -> limits -> authenticate -> resolve tenant -> rate limit -> route
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use tower::util::BoxCloneSyncService;
 use tower::ServiceBuilder;
 
 use crate::gateway::Gateway;
 use crate::layers::{auth, limits, ratelimit, request_id, tenant, trace};
-use crate::middleware;
+use crate::middleware::Handle;
 use crate::route::Router;
-use crate::{Request, Response};
 
-pub type MainService = BoxCloneSyncService<Request, Response, Infallible>;
-
-pub fn main_service(gw: Arc<Gateway>) -> MainService {
+/// The whole request path as one value: each layer holds the rest of the stack, so a request
+/// through it is a single future (see `crate::middleware`).
+pub fn main_service(gw: Arc<Gateway>) -> impl Handle {
     let stack = ServiceBuilder::new()
         .layer(request_id::layer())
         .layer(trace::layer(&gw))
@@ -25,6 +22,6 @@ pub fn main_service(gw: Arc<Gateway>) -> MainService {
         .layer(auth::layer(&gw))
         .layer(tenant::layer(&gw))
         .layer(ratelimit::layer(&gw))
-        .service(middleware::service(Router::new(gw)));
-    BoxCloneSyncService::new(stack)
+        .service(Router::new(gw));
+    stack
 }

@@ -14,7 +14,7 @@ use crate::grpc;
 use crate::keys;
 use crate::layers::{ClientAddr, PendingAuth, Principal};
 use crate::limiter::{BucketKey, Charge, Decision};
-use crate::middleware::{run, Middleware, Next, Stage};
+use crate::middleware::{Handle, Middleware, Stage};
 use crate::websocket;
 use crate::{Request, Response};
 
@@ -83,9 +83,9 @@ impl Auth {
 }
 
 impl Middleware for Auth {
-    async fn call(&self, mut req: Request, next: Next) -> Response {
+    async fn call<N: Handle>(&self, mut req: Request, next: &N) -> Response {
         if grpc::is_discovery(&req) {
-            return run(next, req).await;
+            return next.handle(req).await;
         }
         let ip = client_ip(&req, self.0.settings.trusted_proxies);
         let protocol = Protocol::of(&req);
@@ -107,6 +107,6 @@ impl Middleware for Auth {
             }
             Err(e) => return self.refuse(ip, e, protocol).await,
         }
-        run(next, req).await
+        next.handle(req).await
     }
 }

@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 
 use crate::error::{GatewayError, Protocol};
 use crate::gateway::Gateway;
-use crate::middleware::{run, Middleware, Next, Stage};
+use crate::middleware::{Handle, Middleware, Stage};
 use crate::{Body, Request, Response};
 
 #[derive(Clone)]
@@ -68,7 +68,7 @@ pub fn is_grpc(req: &Request) -> bool {
 }
 
 impl Middleware for Limits {
-    async fn call(&self, req: Request, next: Next) -> Response {
+    async fn call<N: Handle>(&self, req: Request, next: &N) -> Response {
         let s = &self.gw.settings;
         if let Err(e) = check(&req, s) {
             return e.render_for(&req);
@@ -80,11 +80,11 @@ impl Middleware for Limits {
         // A gRPC stream may run for hours: its bound is per message, kept by the gRPC front
         // (`crate::grpc`), not on the whole body.
         if is_grpc(&req) {
-            return run(next, req).await;
+            return next.handle(req).await;
         }
         // Content-Length is checked above; the cap also holds a body that has none.
         let limit = s.body_limit as usize;
         let req = req.map(|b| Body::new(Limited::new(b, limit)));
-        run(next, req).await
+        next.handle(req).await
     }
 }

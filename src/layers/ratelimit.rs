@@ -14,7 +14,7 @@ use crate::error::{GatewayError, Protocol};
 use crate::gateway::Gateway;
 use crate::layers::{Principal, Target};
 use crate::limiter::{BucketKey, Decision, Denial, Report, Slot};
-use crate::middleware::{run, Middleware, Next, Stage};
+use crate::middleware::{Handle, Middleware, Stage};
 use crate::policy::Usage;
 use crate::tenancy::Account;
 use crate::websocket;
@@ -84,10 +84,10 @@ async fn count_log_entries(req: Request) -> Result<(Request, u64), GatewayError>
 }
 
 impl Middleware for RateLimit {
-    async fn call(&self, req: Request, next: Next) -> Response {
+    async fn call<N: Handle>(&self, req: Request, next: &N) -> Response {
         let Some(principal) = req.extensions().get::<Principal>().cloned() else {
             // A websocket that authenticates with its first message: the bridge charges it.
-            return run(next, req).await;
+            return next.handle(req).await;
         };
         let account = &principal.account;
         let upgrade = websocket::is_upgrade(&req);
@@ -148,7 +148,7 @@ impl Middleware for RateLimit {
                 }
             }
         };
-        let mut resp = run(next, req).await;
+        let mut resp = next.handle(req).await;
         if let Some(report) = report {
             report.write_headers(resp.headers_mut());
         }

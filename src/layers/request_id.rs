@@ -1,30 +1,43 @@
 //! Request ids: every request gets an `X-Request-Id` (the client's, when it sent one), which the
 //! upstream sees, the response carries and every log line of the request names.
 
-use http::HeaderValue;
-use tower::layer::util::Stack;
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
+use http::header::{HeaderName, HeaderValue};
 
-/// Random (v4) UUIDs from the thread-local CSPRNG: no system call per request, unlike
-/// `Uuid::new_v4`, which asks the kernel each time.
+use crate::middleware::{Handle, Middleware, Stage};
+use crate::{Request, Response};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 #[derive(Clone, Copy, Default)]
-pub struct FastUuid;
+pub struct RequestId;
 
-impl MakeRequestId for FastUuid {
-    fn make_request_id<B>(&mut self, _req: &http::Request<B>) -> Option<RequestId> {
-        let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
-        let mut buf = uuid::Uuid::encode_buffer();
-        HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
-            .ok()
-            .map(RequestId::new)
-    }
+pub fn layer() -> Stage<RequestId> {
+    Stage(RequestId)
 }
 
-pub fn layer() -> Stack<PropagateRequestIdLayer, SetRequestIdLayer<FastUuid>> {
-    Stack::new(
-        PropagateRequestIdLayer::x_request_id(),
-        SetRequestIdLayer::x_request_id(FastUuid),
-    )
+/// A random (v4) UUID from the thread-local CSPRNG: no system call per request, unlike
+/// `Uuid::new_v4`, which asks the kernel each time.
+pub fn fresh() -> HeaderValue {
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut buf = uuid::Uuid::encode_buffer();
+    let text = id.hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(text).unwrap_or(HeaderValue::from_static("-"))
+}
+
+impl Middleware for RequestId {
+    async fn call<N: Handle>(&self, mut req: Request, next: &N) -> Response {
+        let id = match req.headers().get(&X_REQUEST_ID) {
+            Some(id) => id.clone(),
+            None => {
+                let id = fresh();
+                req.headers_mut().insert(X_REQUEST_ID, id.clone());
+                id
+            }
+        };
+        let mut resp = next.handle(req).await;
+        if !resp.headers().contains_key(&X_REQUEST_ID) {
+            resp.headers_mut().insert(X_REQUEST_ID, id);
+        }
+        resp
+    }
 }

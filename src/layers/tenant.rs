@@ -12,7 +12,7 @@ use crate::error::{GatewayError, Protocol};
 use crate::gateway::Gateway;
 use crate::grpc;
 use crate::layers::{PendingAuth, Principal, Target};
-use crate::middleware::{run, Middleware, Next, Stage};
+use crate::middleware::{Handle, Middleware, Stage};
 use crate::path::{self, Route};
 use crate::{Request, Response};
 
@@ -132,13 +132,13 @@ pub fn allowed(p: &Principal, ws: &crate::tenancy::Workspace) -> bool {
 }
 
 impl Middleware for Tenant {
-    async fn call(&self, mut req: Request, next: Next) -> Response {
+    async fn call<N: Handle>(&self, mut req: Request, next: &N) -> Response {
         if Protocol::of(&req).is_grpc() {
             let principal = req.extensions().get::<Principal>();
             return match resolve_grpc(&self.0, &req, principal) {
                 Ok(target) => {
                     req.extensions_mut().insert(target);
-                    run(next, req).await
+                    next.handle(req).await
                 }
                 Err(e) => e.render_for(&req),
             };
@@ -154,7 +154,7 @@ impl Middleware for Tenant {
         match resolve(&self.0, route, principal) {
             Ok(target) => {
                 req.extensions_mut().insert(target);
-                run(next, req).await
+                next.handle(req).await
             }
             Err(e) => e.into_response(),
         }

@@ -7,7 +7,7 @@ use std::time::Instant;
 use tracing::Instrument;
 
 use crate::gateway::Gateway;
-use crate::middleware::{run, Middleware, Next, Stage};
+use crate::middleware::{Handle, Middleware, Stage};
 use crate::{Request, Response};
 
 #[derive(Clone)]
@@ -18,10 +18,10 @@ pub fn layer(gw: &Arc<Gateway>) -> Stage<Trace> {
 }
 
 impl Middleware for Trace {
-    async fn call(&self, req: Request, next: Next) -> Response {
+    async fn call<N: Handle>(&self, req: Request, next: &N) -> Response {
         // The access log is the costly part: its strings are made only when it is on.
         if !tracing::enabled!(target: "tollgate::access", tracing::Level::INFO) {
-            let resp = run(next, req).await;
+            let resp = next.handle(req).await;
             self.0.metrics.record_status(resp.status().as_u16());
             return resp;
         }
@@ -35,7 +35,7 @@ impl Middleware for Trace {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let span = tracing::info_span!("request", request_id = %id);
-        let resp = run(next, req).instrument(span.clone()).await;
+        let resp = next.handle(req).instrument(span.clone()).await;
         let status = resp.status().as_u16();
         self.0.metrics.record_status(status);
         span.in_scope(|| {

@@ -15,13 +15,12 @@ use crate::route::Router;
 /// The whole request path as one value: each layer holds the rest of the stack, so a request
 /// through it is a single future (see `crate::middleware`).
 pub fn main_service(gw: Arc<Gateway>) -> impl Handle {
-    let stack = ServiceBuilder::new()
+    ServiceBuilder::new()
         .layer(request_id::layer())
         .layer(trace::layer(&gw))
         .layer(limits::layer(&gw))
         .layer(auth::layer(&gw))
         .layer(tenant::layer(&gw))
         .layer(ratelimit::layer(&gw))
-        .service(Router::new(gw));
-    stack
+        .service(Router::new(gw))
 }

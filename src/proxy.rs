@@ -3,8 +3,6 @@
 //! client's credentials never leave, the upstream's own are injected, hop-by-hop headers stop
 //! at the gateway, and `X-Forwarded-*` say where the request came from.
 
-use std::net::SocketAddr;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body_util::LengthLimitError;
 
@@ -56,40 +54,49 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// X-Prefect-*, Prefect-Csrf-*) passes unchanged.
 pub fn to_upstream_headers(
     h: &mut HeaderMap,
-    peer: Option<SocketAddr>,
-    host: Option<&str>,
+    client: Option<&ClientAddr>,
+    host: Option<HeaderValue>,
     upstream: &Upstream,
 ) {
     strip_hop_by_hop(h);
     h.remove(header::AUTHORIZATION);
-    h.remove("x-api-key");
+    h.remove(X_API_KEY);
     if let Some(auth) = &upstream.auth_header {
         h.insert(header::AUTHORIZATION, auth.clone());
     }
-    if let Some(peer) = peer {
-        let ip = peer.ip().to_string();
-        let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-            _ => ip,
+    if let Some(client) = client {
+        let xff = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prev) if !prev.trim().is_empty() => {
+                HeaderValue::from_str(&format!("{prev}, {}", client.0.ip())).ok()
+            }
+            // The common case: the connection's address, rendered once per connection.
+            _ => Some(client.1.clone()),
         };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            h.insert("x-forwarded-for", v);
+        if let Some(v) = xff {
+            h.insert(X_FORWARDED_FOR, v);
         }
     }
-    h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        h.insert("x-forwarded-host", v);
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(v) = host {
+        h.insert(X_FORWARDED_HOST, v);
     }
     h.remove(header::HOST);
 }
 
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// The host the client addressed: `Host` (HTTP/1.1) or the URI authority (h2).
-pub fn client_host(req: &Request) -> Option<String> {
-    req.headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+pub fn client_host(req: &Request) -> Option<HeaderValue> {
+    match req.headers().get(header::HOST) {
+        Some(v) => Some(v.clone()),
+        None => req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    }
 }
 
 /// A request body that could not be read: over the limit (413) or broken off (400).
@@ -119,19 +126,19 @@ pub async fn forward(
     rest: &str,
 ) -> Result<Response, GatewayError> {
     let host = client_host(&req);
-    let peer = req.extensions().get::<ClientAddr>().map(|c| c.0);
     let (mut parts, body) = req.into_parts();
+    let client = parts.extensions.get::<ClientAddr>();
     let uri = upstream
-        .uri_for(rest, parts.uri.query())
+        .origin_uri_for(rest, parts.uri.query())
         .map_err(|e| GatewayError::BadRequest(format!("cannot build the upstream URI: {e}")))?;
-    to_upstream_headers(&mut parts.headers, peer, host.as_deref(), upstream);
+    to_upstream_headers(&mut parts.headers, client, host, upstream);
     let mut out = http::Request::new(body);
     *out.method_mut() = std::mem::take(&mut parts.method);
     *out.uri_mut() = uri;
     *out.headers_mut() = std::mem::take(&mut parts.headers);
 
     let timeout = gw.settings.upstream_timeout;
-    let sent = tokio::time::timeout(timeout, gw.upstream.request(out)).await;
+    let sent = tokio::time::timeout(timeout, gw.upstream.send_to(&upstream.authority, out)).await;
     let resp = match sent {
         Err(_) => {
             gw.metrics

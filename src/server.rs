@@ -61,9 +61,10 @@ pub async fn run(gw: Arc<Gateway>, main: TcpListener, admin: TcpListener) -> any
                 };
                 let _ = tcp.set_nodelay(true);
                 let svc = svc.clone();
+                let client = ClientAddr::new(peer);
                 let hyper_svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                     let mut req = req.map(Body::new);
-                    req.extensions_mut().insert(ClientAddr(peer));
+                    req.extensions_mut().insert(client.clone());
                     let svc = svc.clone();
                     async move { Ok::<_, Infallible>(svc.handle(req).await) }
                 });

@@ -78,8 +78,15 @@ impl Upstream {
         })
     }
 
-    /// `{base}/api/{rest}` with the query string as the client wrote it.
-    pub fn uri_for(&self, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+    /// `{base}/api/{rest}` with the query string as the client wrote it, in origin form (what
+    /// an HTTP/1.1 request line carries; the pool knows the host).
+    pub fn origin_uri_for(&self, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        Ok(Uri::from(http::uri::PathAndQuery::try_from(
+            self.path_for(rest, query),
+        )?))
+    }
+
+    fn path_for(&self, rest: &str, query: Option<&str>) -> String {
         let mut pq = String::with_capacity(self.base_path.len() + rest.len() + 8);
         pq.push_str(&self.base_path);
         pq.push_str("/api/");
@@ -88,10 +95,15 @@ impl Upstream {
             pq.push('?');
             pq.push_str(q);
         }
+        pq
+    }
+
+    /// `{base}/api/{rest}` with the query string as the client wrote it.
+    pub fn uri_for(&self, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
-            .path_and_query(pq)
+            .path_and_query(self.path_for(rest, query))
             .build()
     }
 }

@@ -217,7 +217,6 @@ impl UpstreamClient {
             .authority()
             .cloned()
             .ok_or(UpstreamError::NoHost)?;
-        let host = self.host(&authority)?;
         // HTTP/1.1 to an origin server: origin-form target, authority in Host.
         let origin = req
             .uri()
@@ -226,6 +225,16 @@ impl UpstreamClient {
             .map(Uri::from)
             .unwrap_or_else(|| Uri::from_static("/"));
         *req.uri_mut() = origin;
+        self.send_to(&authority, req).await
+    }
+
+    /// Sends `req` (origin-form URI: `/path?query`) to `authority`.
+    pub async fn send_to(
+        &self,
+        authority: &Authority,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let host = self.host(authority)?;
         if !req.headers().contains_key(header::HOST) {
             req.headers_mut()
                 .insert(header::HOST, host.host_header.clone());

@@ -99,10 +99,10 @@ pub async fn bridge(
     }
     let prefect = offers_prefect(req.headers());
     let principal = req.extensions().get::<Principal>().cloned();
-    let peer = req.extensions().get::<ClientAddr>().map(|c| c.0);
     let host = proxy::client_host(&req);
     let mut headers = req.headers().clone();
-    proxy::to_upstream_headers(&mut headers, peer, host.as_deref(), &workspace.upstream);
+    let client = req.extensions().get::<ClientAddr>();
+    proxy::to_upstream_headers(&mut headers, client, host, &workspace.upstream);
     headers.retain_ws_safe();
     let query = req.uri().query().map(str::to_string);
     let target = UpstreamTarget {
@@ -362,7 +362,7 @@ async fn throttle(gw: &Gateway, principal: &Principal) {
         return;
     }
     loop {
-        match gw.limiter.check(&charges).await {
+        match crate::limiter::decide(&*gw.limiter, &charges).await {
             Decision::Allowed(_) => return,
             denied => {
                 let wait = match denied {

@@ -56,8 +56,8 @@ impl Call {
         for name in GRPC_ONLY {
             headers.remove(name);
         }
-        let peer = ext.get::<ClientAddr>().map(|c| c.0);
-        proxy::to_upstream_headers(&mut headers, peer, ctx.host.as_deref(), &workspace.upstream);
+        let client = ext.get::<ClientAddr>();
+        proxy::to_upstream_headers(&mut headers, client, ctx.host, &workspace.upstream);
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -183,7 +183,7 @@ impl Call {
         if charges.is_empty() {
             return Ok(());
         }
-        match self.gw.limiter.check(&charges).await {
+        match crate::limiter::decide(&*self.gw.limiter, &charges).await {
             Decision::Allowed(report) => {
                 ratelimit::note_shadow(&self.gw, &p.account, &report);
                 Ok(())

@@ -89,7 +89,7 @@ pub struct CallContext {
     /// From `grpc-timeout`: the upstream calls made for this call end by then.
     pub deadline: Option<Instant>,
     /// The authority the client addressed, for `X-Forwarded-Host`.
-    pub host: Option<String>,
+    pub host: Option<http::HeaderValue>,
 }
 
 /// `grpc-timeout`: 1 to 8 digits and a unit (H, M, S, m, u, n), per the gRPC HTTP/2 spec.

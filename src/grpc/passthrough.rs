@@ -102,7 +102,7 @@ impl Forwarder {
             .get::<CallContext>()
             .cloned()
             .unwrap_or_default();
-        let peer = req.extensions().get::<ClientAddr>().map(|c| c.0);
+        let client = req.extensions().get::<ClientAddr>().cloned();
         let (mut parts, body) = req.into_parts();
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri = http::Uri::builder()
@@ -112,7 +112,7 @@ impl Forwarder {
             .build()
             .map_err(|e| GatewayError::BadRequest(format!("cannot build the upstream URI: {e}")))?;
         let mut headers = std::mem::take(&mut parts.headers);
-        proxy::to_upstream_headers(&mut headers, peer, ctx.host.as_deref(), upstream);
+        proxy::to_upstream_headers(&mut headers, client.as_ref(), ctx.host, upstream);
         // TE is hop-by-hop, but gRPC requires `te: trailers` on every hop.
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
         headers.remove(header::CONTENT_LENGTH);

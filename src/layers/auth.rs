@@ -71,7 +71,8 @@ impl Auth {
                 cost: 1,
                 shadow: limit.shadow,
             };
-            if let Decision::Denied(denial) = gw.limiter.check(std::slice::from_ref(&charge)).await
+            if let Decision::Denied(denial) =
+                crate::limiter::decide(&*gw.limiter, std::slice::from_ref(&charge)).await
             {
                 gw.metrics.rate_limited("unauthenticated");
                 tracing::info!(%ip, bucket = "unauthenticated", retry_after_s = denial.retry_after_secs(), "rate limited");

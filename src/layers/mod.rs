@@ -15,8 +15,17 @@ use crate::keys::ApiKey;
 use crate::tenancy::{Account, Workspace};
 
 /// The peer address of the connection, set by the listener.
-#[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub SocketAddr);
+#[derive(Clone, Debug)]
+pub struct ClientAddr(pub SocketAddr, pub http::HeaderValue);
+
+impl ClientAddr {
+    /// The peer, with its IP rendered once (for `X-Forwarded-For`).
+    pub fn new(peer: SocketAddr) -> ClientAddr {
+        let ip = http::HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or(http::HeaderValue::from_static("unknown"));
+        ClientAddr(peer, ip)
+    }
+}
 
 /// Who is calling: the verified key and its account.
 #[derive(Clone, Debug)]

@@ -117,7 +117,7 @@ impl Middleware for RateLimit {
             route: rest.map(|r| (req.method(), r)),
         };
         let charges = account.policy.charges(&usage);
-        let report = match self.0.limiter.check(&charges).await {
+        let report = match crate::limiter::decide(&*self.0.limiter, &charges).await {
             Decision::Allowed(report) => {
                 note_shadow(&self.0, account, &report);
                 Some(report)

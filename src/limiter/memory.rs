@@ -155,7 +155,11 @@ impl MemoryLimiter {
 }
 
 impl Limiter for MemoryLimiter {
-    fn check<'a>(&'a self, charges: &'a [Charge]) -> BoxFuture<'a, Decision> {
+    fn check_now(&self, charges: &[Charge]) -> Option<Decision> {
+        Some(self.decide(charges))
+    }
+
+    fn check_later<'a>(&'a self, charges: &'a [Charge]) -> BoxFuture<'a, Decision> {
         let d = self.decide(charges);
         Box::pin(std::future::ready(d))
     }

@@ -8,7 +8,6 @@ pub mod gcra;
 pub mod memory;
 pub mod redis;
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -63,31 +62,39 @@ impl Report {
         if self.0.iter().all(|b| b.shadow) {
             return;
         }
-        let mut policy = String::new();
-        let mut limit = String::new();
+        // On every allowed response: written by hand into buffers the header values then own
+        // (no formatting machinery, no copy).
+        let mut policy = String::with_capacity(48);
+        let mut limit = String::with_capacity(48);
         // Shadow limits are for the operator: clients are not told of them.
         for (i, b) in self.0.iter().filter(|b| !b.shadow).enumerate() {
-            let sep = if i == 0 { "" } else { ", " };
-            let _ = write!(
-                policy,
-                "{sep}\"{}\";q={};w={}",
-                b.name,
-                b.rate.count,
-                b.rate.window_secs()
-            );
-            let _ = write!(
-                limit,
-                "{sep}\"{}\";r={};t={}",
-                b.name,
-                b.remaining,
-                ceil_secs(b.reset)
-            );
+            if i > 0 {
+                policy.push_str(", ");
+                limit.push_str(", ");
+            }
+            for (out, key, value, tail, last) in [
+                (
+                    &mut policy,
+                    ";q=",
+                    b.rate.count,
+                    ";w=",
+                    b.rate.window_secs(),
+                ),
+                (&mut limit, ";r=", b.remaining, ";t=", ceil_secs(b.reset)),
+            ] {
+                out.push('"');
+                out.push_str(&b.name);
+                out.push('"');
+                out.push_str(key);
+                push_decimal(out, value);
+                out.push_str(tail);
+                push_decimal(out, last);
+            }
         }
-        if let Ok(v) = HeaderValue::from_str(&policy) {
-            headers.insert("ratelimit-policy", v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&limit) {
-            headers.insert("ratelimit", v);
+        for (name, text) in [(RATELIMIT_POLICY, policy), (RATELIMIT, limit)] {
+            if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(text)) {
+                headers.insert(name, v);
+            }
         }
     }
 
@@ -95,6 +102,23 @@ impl Report {
     pub fn shadow_denials(&self) -> impl Iterator<Item = &BucketState> {
         self.0.iter().filter(|b| b.shadow && b.denied)
     }
+}
+
+const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
+
+fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    digits[i..].iter().for_each(|d| out.push(char::from(*d)));
 }
 
 /// Whole seconds, rounded up: a client that waits this long is never early.
@@ -133,12 +157,26 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A rate-limit backend.
 pub trait Limiter: Send + Sync + 'static {
-    /// Decides all charges of one request together, and records them when all pass.
-    fn check<'a>(&'a self, charges: &'a [Charge]) -> BoxFuture<'a, Decision>;
+    /// Decides all charges of one request together, and records them when all pass, when
+    /// that needs no waiting: always for the embedded backend; for Redis, a cached denial or a
+    /// known outage. Use [`decide`], which falls back to `check_later`.
+    fn check_now(&self, charges: &[Charge]) -> Option<Decision>;
+
+    /// The decision that waits (a round trip), for when `check_now` had none.
+    fn check_later<'a>(&'a self, charges: &'a [Charge]) -> BoxFuture<'a, Decision>;
 
     /// Takes one of `limit` concurrency slots of `key`; the slot is freed when the `Lease` drops
     /// (and, on Redis, by itself after the lease lifetime if its replica dies).
     fn acquire(self: Arc<Self>, key: BucketKey, limit: u32) -> BoxFuture<'static, Slot>;
+}
+
+/// Decides all charges of one request together (see [`Limiter::check_now`]); a decision made
+/// at once costs no boxed future.
+pub async fn decide(limiter: &dyn Limiter, charges: &[Charge]) -> Decision {
+    match limiter.check_now(charges) {
+        Some(d) => d,
+        None => limiter.check_later(charges).await,
+    }
 }
 
 /// The answer to a concurrency request.
@@ -228,4 +266,18 @@ pub fn commits(charges: &[Charge], outcomes: &[gcra::Outcome]) -> bool {
         .iter()
         .zip(outcomes)
         .all(|(c, o)| o.allowed || c.shadow)
+}
+
+#[cfg(test)]
+mod decimal_tests {
+    use super::*;
+
+    #[test]
+    fn decimals_are_written_like_display() {
+        for n in [0, 7, 10, 99, 1_000_000_000, u64::MAX] {
+            let mut s = String::from("x");
+            push_decimal(&mut s, n);
+            assert_eq!(s, format!("x{n}"));
+        }
+    }
 }

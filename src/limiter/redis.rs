@@ -366,23 +366,30 @@ impl RedisLimiter {
         }
     }
 
-    async fn decide(self: Arc<Self>, charges: Vec<Charge>) -> Decision {
+    /// The decisions that need no round trip: nothing to charge, a cached denial, or Redis
+    /// known to be down (the failure policy answers until the next probe).
+    fn decide_locally(&self, charges: &[Charge]) -> Option<Decision> {
         if charges.is_empty() {
-            return Decision::Allowed(Report::default());
+            return Some(Decision::Allowed(Report::default()));
         }
-        if let Some(denial) = self.cached_denial(&charges) {
+        if let Some(denial) = self.cached_denial(charges) {
             self.metrics.deny_cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Decision::Denied(denial);
+            return Some(Decision::Denied(denial));
         }
         if !self.should_try() {
-            return self.under_policy(&charges);
+            return Some(self.under_policy(charges));
         }
-        match self.ask_redis(&charges).await {
+        None
+    }
+
+    /// One script call for all of the request's buckets.
+    async fn decide_remotely(self: &Arc<Self>, charges: &[Charge]) -> Decision {
+        match self.ask_redis(charges).await {
             Ok(outcomes) => {
                 self.mark_healthy();
-                let decision = combine(&charges, &outcomes);
+                let decision = combine(charges, &outcomes);
                 if matches!(decision, Decision::Denied(_)) {
-                    self.remember_denials(&charges, &outcomes);
+                    self.remember_denials(charges, &outcomes);
                 }
                 decision
             }
@@ -391,7 +398,7 @@ impl RedisLimiter {
                     self.connect_in_background();
                 }
                 self.mark_failed(&why);
-                self.under_policy(&charges)
+                self.under_policy(charges)
             }
         }
     }
@@ -465,8 +472,12 @@ impl RedisLimiter {
 pub struct SharedRedis(pub Arc<RedisLimiter>);
 
 impl Limiter for SharedRedis {
-    fn check<'a>(&'a self, charges: &'a [Charge]) -> BoxFuture<'a, Decision> {
-        Box::pin(self.0.clone().decide(charges.to_vec()))
+    fn check_now(&self, charges: &[Charge]) -> Option<Decision> {
+        self.0.decide_locally(charges)
+    }
+
+    fn check_later<'a>(&'a self, charges: &'a [Charge]) -> BoxFuture<'a, Decision> {
+        Box::pin(self.0.decide_remotely(charges))
     }
 
     fn acquire(self: Arc<Self>, key: BucketKey, limit: u32) -> BoxFuture<'static, Slot> {

@@ -332,8 +332,8 @@ async fn finish(
 }
 
 /// `conns` keep-alive connections, each sending the next request when the last one is answered
-/// (closed loop), or, with `rate`, at fixed intervals measured from the intended send time (so
-/// a stall is charged to the latency, not hidden).
+/// (closed loop), or, with `rate`, at fixed intervals (a request whose connection was still busy
+/// at its intended send time is measured from that time, so a stall is charged, not hidden).
 async fn load(target: &Target, conns: usize, secs: f64, rate: Option<f64>) -> Stats {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
@@ -350,6 +350,7 @@ async fn load(target: &Target, conns: usize, secs: f64, rate: Option<f64>) -> St
             let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
             let mut next = Instant::now()
                 + interval.map_or(Duration::ZERO, |i| i.mul_f64(c as f64 / conns as f64));
+            let mut busy_until = Instant::now();
             while !stop.load(Ordering::Relaxed) {
                 if interval.is_some() {
                     tokio::time::sleep_until(next.into()).await;
@@ -357,10 +358,14 @@ async fn load(target: &Target, conns: usize, secs: f64, rate: Option<f64>) -> St
                         break;
                     }
                 }
-                let sent = if interval.is_some() {
+                // At a fixed rate, latency runs from the intended send time when this
+                // connection was still busy then (a stall is charged, not hidden), else from
+                // the actual send: the client's timer waking late is not the server's latency.
+                let now = Instant::now();
+                let sent = if interval.is_some() && busy_until > next {
                     next
                 } else {
-                    Instant::now()
+                    now
                 };
                 let mut req = hyper::Request::builder()
                     .uri(&t.path)
@@ -399,6 +404,7 @@ async fn load(target: &Target, conns: usize, secs: f64, rate: Option<f64>) -> St
                         }
                     }
                 }
+                busy_until = Instant::now();
                 if let Some(i) = interval {
                     next += i;
                 }

@@ -4,6 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+/// jemalloc: a request allocates blocks of several KiB (its future, hyper's buffers), which
+/// glibc's allocator serves on its slow path (and consolidates its free lists for).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use tollgate::commands;
 use tollgate::config::KeyKind;
 

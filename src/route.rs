@@ -41,13 +41,15 @@ async fn dispatch(
         }
         Target::Account { account, rest } => cloud::account_route(req.method(), &account, &rest),
         Target::Workspace { workspace, rest } if websocket::is_upgrade(&req) => {
-            websocket::bridge(gw.clone(), req, workspace, rest).await
+            // Boxed, here and below: rare or large futures stay out of the REST path's future,
+            // which is moved on every request.
+            Box::pin(websocket::bridge(gw.clone(), req, workspace, rest)).await
         }
         Target::Workspace { workspace, rest } => {
-            proxy::forward(gw, req, &workspace.upstream, &rest).await
+            Box::pin(proxy::forward(gw, req, &workspace.upstream, &rest)).await
         }
         Target::Grpc { .. } | Target::GrpcPassthrough { .. } | Target::GrpcDiscovery => {
-            Ok(grpc.call(req).await)
+            Ok(Box::pin(grpc.call(req)).await)
         }
     }
 }

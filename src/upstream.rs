@@ -255,7 +255,7 @@ impl UpstreamClient {
                     // closed it idle. Safe to send again, on a fresh connection.
                     (None, Some(copy)) if is_closed_before_answer(e.error()) => {
                         self.inner.replayed.fetch_add(1, Ordering::Relaxed);
-                        return self.fresh(&host, copy).await;
+                        return Box::pin(self.fresh(&host, copy)).await;
                     }
                     (None, _) => return Err(UpstreamError::Exchange(e.into_error())),
                 },
@@ -270,7 +270,8 @@ impl UpstreamClient {
         host: &Arc<Host>,
         req: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
-        let mut send = self.connect(&host.authority).await?;
+        // Boxed: a connect is rare, and its future is large.
+        let mut send = Box::pin(self.connect(&host.authority)).await?;
         match send.send_request(req).await {
             Ok(resp) => Ok(pooled(resp, host.clone(), send)),
             Err(e) => Err(UpstreamError::Exchange(e)),

@@ -176,11 +176,11 @@ impl Front {
                 tracing::error!(error = %e, "gRPC reflection is not served")
             }
         }
-        let dispatch = Dispatch {
+        let dispatch = Dispatch(Arc::new(DispatchInner {
             routes: routes.prepare(),
             forwarder: passthrough::Forwarder::new(gw.settings.upstream_connect_timeout),
             gw,
-        };
+        }));
         Front {
             health,
             web: tonic_web::GrpcWebLayer::new().layer(dispatch.clone()),
@@ -224,9 +224,12 @@ impl Front {
     }
 }
 
-/// Sends a call to the local services or to its pass-through upstream.
+/// Sends a call to the local services or to its pass-through upstream. Shared: a call costs
+/// one reference count, not a clone of the routes and the pass-through client.
 #[derive(Clone)]
-pub struct Dispatch {
+pub struct Dispatch(Arc<DispatchInner>);
+
+struct DispatchInner {
     gw: Arc<Gateway>,
     routes: tonic::service::Routes,
     forwarder: passthrough::Forwarder,
@@ -242,7 +245,7 @@ impl Service<http::Request<tonic::body::Body>> for Dispatch {
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let this = self.clone();
+        let this = self.0.clone();
         Box::pin(async move {
             let target = req.extensions().get::<Target>().cloned();
             if let Some(Target::GrpcPassthrough { service }) = target {
@@ -266,7 +269,7 @@ impl Service<http::Request<tonic::body::Body>> for Dispatch {
                 ))
                 .render(Protocol::Grpc));
             }
-            match this.routes.oneshot(req).await {
+            match this.routes.clone().oneshot(req).await {
                 Ok(r) => Ok(r.map(Body::new)),
                 Err(never) => match never {},
             }

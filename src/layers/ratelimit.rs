@@ -93,7 +93,7 @@ impl Middleware for RateLimit {
         let upgrade = websocket::is_upgrade(&req);
         let protocol = Protocol::of(&req);
         let (req, logs) = if is_logs_post(&req) {
-            match count_log_entries(req).await {
+            match Box::pin(count_log_entries(req)).await {
                 Ok(r) => r,
                 Err(e) => return e.render(protocol),
             }

@@ -178,3 +178,45 @@ async fn a_malformed_message_is_a_clean_error() {
     assert!(reply.grpc_status().is_some_and(|c| c != 0), "{reply:?}");
     still_serving(&gw).await;
 }
+
+#[tokio::test]
+async fn framing_a_unary_call_may_not_break_is_refused_with_the_grpc_code() {
+    let (up, gw) = gateway().await;
+    let good = frame(&id_message());
+    // The compressed flag without a grpc-encoding; an unknown flag.
+    for flag in [1u8, 7] {
+        let mut body = good.clone();
+        body[0] = flag;
+        let reply = call(&gw, READ, &[], body).await;
+        assert_eq!(
+            reply.grpc_status(),
+            Some(Code::Internal as i32),
+            "flag {flag}: {reply:?}"
+        );
+    }
+    // A compression this server does not offer.
+    let reply = call(&gw, READ, &[("grpc-encoding", "gzip")], good.clone()).await;
+    assert_eq!(
+        reply.grpc_status(),
+        Some(Code::Unimplemented as i32),
+        "{reply:?}"
+    );
+    // No message at all, and two messages where one is expected.
+    let reply = call(&gw, READ, &[], Vec::new()).await;
+    assert_eq!(
+        reply.grpc_status(),
+        Some(Code::Internal as i32),
+        "{reply:?}"
+    );
+    let reply = call(&gw, READ, &[], [good.clone(), good.clone()].concat()).await;
+    assert_eq!(
+        reply.grpc_status(),
+        Some(Code::Internal as i32),
+        "{reply:?}"
+    );
+    assert!(
+        up.requests().iter().all(|r| r.path() == "/api/health"),
+        "nothing reached the upstream"
+    );
+    still_serving(&gw).await;
+}

@@ -18,6 +18,7 @@ pub mod rest;
 pub mod status;
 pub mod task_runs;
 pub mod transcode;
+pub mod unary;
 pub mod work_pools;
 
 use std::convert::Infallible;
@@ -122,6 +123,8 @@ pub fn parse_timeout(value: &[u8]) -> Result<Duration, GatewayError> {
 /// The gRPC front as the router's handler for every gRPC target.
 #[derive(Clone)]
 pub struct Front {
+    /// The largest request message a local method accepts.
+    message_limit: usize,
     health: health::Prober,
     dispatch: Dispatch,
     web: tonic_web::GrpcWebService<Dispatch>,
@@ -182,6 +185,7 @@ impl Front {
             gw,
         }));
         Front {
+            message_limit: limit,
             health,
             web: tonic_web::GrpcWebLayer::new().layer(dispatch.clone()),
             dispatch,
@@ -205,6 +209,12 @@ impl Front {
         }
         let host = crate::proxy::client_host(&req);
         req.extensions_mut().insert(CallContext { deadline, host });
+        if protocol == Protocol::Grpc && unary::serves(req.uri().path()) {
+            if let Err(refused) = speaks_protobuf(req.headers()) {
+                return refused;
+            }
+            return unary::serve(&self.dispatch.0.gw, req, self.message_limit).await;
+        }
         let resp = if protocol == Protocol::GrpcWeb {
             self.web
                 .clone()
@@ -222,6 +232,22 @@ impl Front {
             Err(never) => match never {},
         }
     }
+}
+
+/// The local services speak protobuf only.
+fn speaks_protobuf(headers: &http::HeaderMap) -> Result<(), Response> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let subtype = ct.split(';').next().unwrap_or("").trim();
+    if subtype != "application/grpc" && subtype != "application/grpc+proto" {
+        return Err(GatewayError::BadRequest(format!(
+            "content-type {ct:?} is not served: use application/grpc or application/grpc+proto"
+        ))
+        .render(Protocol::Grpc));
+    }
+    Ok(())
 }
 
 /// Sends a call to the local services or to its pass-through upstream. Shared: a call costs
@@ -256,18 +282,8 @@ impl Service<http::Request<tonic::body::Body>> for Dispatch {
                     .await
                     .unwrap_or_else(|e| e.render(Protocol::Grpc)));
             }
-            // The local services speak protobuf only.
-            let ct = req
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            let subtype = ct.split(';').next().unwrap_or("").trim();
-            if subtype != "application/grpc" && subtype != "application/grpc+proto" {
-                return Ok(GatewayError::BadRequest(format!(
-                    "content-type {ct:?} is not served: use application/grpc or application/grpc+proto"
-                ))
-                .render(Protocol::Grpc));
+            if let Err(refused) = speaks_protobuf(req.headers()) {
+                return Ok(refused);
             }
             match this.routes.clone().oneshot(req).await {
                 Ok(r) => Ok(r.map(Body::new)),

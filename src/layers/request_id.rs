@@ -36,6 +36,10 @@ impl Middleware for RequestId {
         };
         let mut resp = next.handle(req).await;
         if !resp.headers().contains_key(&X_REQUEST_ID) {
+            // Unique to this response: h2 sends it as a literal instead of adding it to the
+            // connection's header table, where it would only evict what repeats.
+            let mut id = id;
+            id.set_sensitive(true);
             resp.headers_mut().insert(X_REQUEST_ID, id);
         }
         resp

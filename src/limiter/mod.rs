@@ -91,8 +91,11 @@ impl Report {
                 push_decimal(out, last);
             }
         }
-        for (name, text) in [(RATELIMIT_POLICY, policy), (RATELIMIT, limit)] {
-            if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(text)) {
+        // The policy repeats (h2 indexes it); the state changes with every request, so h2
+        // sends it as a literal rather than churn the connection's header table.
+        for (name, text, changes) in [(RATELIMIT_POLICY, policy, false), (RATELIMIT, limit, true)] {
+            if let Ok(mut v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(text)) {
+                v.set_sensitive(changes);
                 headers.insert(name, v);
             }
         }

@@ -210,7 +210,7 @@ impl Front {
         let host = crate::proxy::client_host(&req);
         req.extensions_mut().insert(CallContext { deadline, host });
         if protocol == Protocol::Grpc && unary::serves(req.uri().path()) {
-            if let Err(refused) = speaks_protobuf(req.headers()) {
+            if let Some(refused) = unless_protobuf(req.headers()) {
                 return refused;
             }
             return unary::serve(&self.dispatch.0.gw, req, self.message_limit).await;
@@ -234,20 +234,22 @@ impl Front {
     }
 }
 
-/// The local services speak protobuf only.
-fn speaks_protobuf(headers: &http::HeaderMap) -> Result<(), Response> {
+/// The local services speak protobuf only: the refusal of any other content-type.
+fn unless_protobuf(headers: &http::HeaderMap) -> Option<Response> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let subtype = ct.split(';').next().unwrap_or("").trim();
     if subtype != "application/grpc" && subtype != "application/grpc+proto" {
-        return Err(GatewayError::BadRequest(format!(
-            "content-type {ct:?} is not served: use application/grpc or application/grpc+proto"
-        ))
-        .render(Protocol::Grpc));
+        return Some(
+            GatewayError::BadRequest(format!(
+                "content-type {ct:?} is not served: use application/grpc or application/grpc+proto"
+            ))
+            .render(Protocol::Grpc),
+        );
     }
-    Ok(())
+    None
 }
 
 /// Sends a call to the local services or to its pass-through upstream. Shared: a call costs
@@ -282,7 +284,7 @@ impl Service<http::Request<tonic::body::Body>> for Dispatch {
                     .await
                     .unwrap_or_else(|e| e.render(Protocol::Grpc)));
             }
-            if let Err(refused) = speaks_protobuf(req.headers()) {
+            if let Some(refused) = unless_protobuf(req.headers()) {
                 return Ok(refused);
             }
             match this.routes.clone().oneshot(req).await {

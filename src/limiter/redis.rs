@@ -1,12 +1,12 @@
 //! The Redis limiter, shared by every replica: one `EVALSHA` per request checks and updates all
-//! of its buckets atomically (GCRA, the same arithmetic as `gcra.rs`), with time from Redis
-//! `TIME` so replicas with skewed clocks agree. Keys are hash-tagged by account, so it works on
-//! Redis Cluster. redis-rs reloads the script on `NOSCRIPT`; the connection reconnects itself.
+//! of its buckets atomically (GCRA, the same arithmetic as `gcra.rs`), with time from Redis `TIME` so
+//! replicas with skewed clocks agree. Keys are hash-tagged by account, so it works on Redis
+//! Cluster. redis-rs reloads the script on `NOSCRIPT`; the connection reconnects itself.
 //!
 //! Around it: a local deny-cache (a bucket known empty until T is answered here until T, with no
-//! round trip), a timeout budget on every call, and the failure policy (`local`: an in-memory
-//! GCRA at a share of each limit; `allow`; `deny`) with a warning and a metric when it takes
-//! over, and automatic recovery (a probe every 200 ms while Redis is down).
+//! round trip), a timeout budget on every call, and the failure policy (`local`: an
+//! in-memory GCRA at a share of each limit; `allow`; `deny`) with a warning and a metric when it
+//! takes over, and automatic recovery (a probe every 200 ms while Redis is down).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
+use tokio::sync::oneshot;
 
 use super::gcra::{self, Outcome};
 use super::memory::MemoryLimiter;
@@ -26,49 +27,81 @@ use super::{
 use crate::config::{FailurePolicy, LimiterConfig, Rate};
 use crate::metrics::Metrics;
 
-/// KEYS: the buckets. ARGV: per bucket, interval (µs), burst, cost, shadow (0/1).
-/// Returns: commit flag, then per bucket: allowed, remaining, retry_after (µs), reset (µs).
+/// One call decides a batch of requests. KEYS: the buckets of every request, request after
+/// request. ARGV: the number of requests R, then the bucket count of each request, then per
+/// bucket interval (µs), burst, cost, shadow (0/1).
+///
+/// The requests are decided in order, each all-or-nothing (its buckets are committed only when
+/// every enforced one allows), and a request sees what the earlier ones of the batch committed:
+/// a bucket is read once (`GET`) and then followed in `tat`. Each changed bucket is written
+/// once, at the end, with its final TAT.
+/// Returns, per request: its commit flag, then per bucket: allowed, remaining, retry_after (µs),
+/// reset (µs).
 const GCRA_SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local n = #KEYS
-local tats = {}
-local out = {0}
-local commit = 1
-for i = 1, n do
-  local a = (i - 1) * 4
-  local interval = tonumber(ARGV[a + 1])
-  local burst = tonumber(ARGV[a + 2])
-  local cost = tonumber(ARGV[a + 3])
-  local shadow = ARGV[a + 4] == '1'
-  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
-  if tat < now then tat = now end
-  local new_tat = tat + cost * interval
-  local allow_at = tat + math.min(cost, burst) * interval - burst * interval
-  if allow_at <= now then
-    tats[i] = new_tat
-    out[#out + 1] = 1
-    out[#out + 1] = math.floor((now + burst * interval - new_tat) / interval)
-    out[#out + 1] = 0
-    out[#out + 1] = new_tat - now
-  else
-    tats[i] = false
-    if not shadow then commit = 0 end
-    out[#out + 1] = 0
-    out[#out + 1] = 0
-    out[#out + 1] = allow_at - now
-    out[#out + 1] = tat - now
-  end
-end
-if commit == 1 then
+local requests = tonumber(ARGV[1])
+local tat = {}
+local seen = {}
+local dirty = {}
+local out = {}
+local k = 0
+local a = 1 + requests
+for r = 1, requests do
+  local n = tonumber(ARGV[1 + r])
+  local head = #out + 1
+  out[head] = 0
+  local commit = 1
+  local new = {}
   for i = 1, n do
-    if tats[i] then
-      local ttl = math.ceil((tats[i] - now) / 1000) + 1
-      redis.call('SET', KEYS[i], string.format('%.0f', tats[i]), 'PX', ttl)
+    local key = KEYS[k + i]
+    local interval = tonumber(ARGV[a + 1])
+    local burst = tonumber(ARGV[a + 2])
+    local cost = tonumber(ARGV[a + 3])
+    local shadow = ARGV[a + 4] == '1'
+    a = a + 4
+    local cur = tat[key]
+    if cur == nil then
+      cur = tonumber(redis.call('GET', key) or 0)
+      tat[key] = cur
+    end
+    if cur < now then cur = now end
+    local new_tat = cur + cost * interval
+    local allow_at = cur + math.min(cost, burst) * interval - burst * interval
+    if allow_at <= now then
+      new[i] = new_tat
+      out[#out + 1] = 1
+      out[#out + 1] = math.floor((now + burst * interval - new_tat) / interval)
+      out[#out + 1] = 0
+      out[#out + 1] = new_tat - now
+    else
+      new[i] = false
+      if not shadow then commit = 0 end
+      out[#out + 1] = 0
+      out[#out + 1] = 0
+      out[#out + 1] = allow_at - now
+      out[#out + 1] = cur - now
     end
   end
+  if commit == 1 then
+    for i = 1, n do
+      if new[i] then
+        local key = KEYS[k + i]
+        if not seen[key] then
+          seen[key] = true
+          dirty[#dirty + 1] = key
+        end
+        tat[key] = new[i]
+      end
+    end
+  end
+  out[head] = commit
+  k = k + n
 end
-out[1] = commit
+for _, key in ipairs(dirty) do
+  local v = tat[key]
+  redis.call('SET', key, string.format('%.0f', v), 'PX', math.ceil((v - now) / 1000) + 1)
+end
 return out
 "#;
 
@@ -112,6 +145,53 @@ impl Conn {
             Conn::Cluster(c) => cmd.query_async(c).await,
         }
     }
+
+    /// `EVALSHA` of `script` as `cmd` is written, loading the script once when Redis lacks it
+    /// (a restarted server, a new cluster node), as `Script::invoke_async` does.
+    async fn eval<T: redis::FromRedisValue>(
+        &mut self,
+        script: &redis::Script,
+        cmd: &redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        match self.query(cmd).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                match self {
+                    Conn::Single(c) => script.load_async(c).await?,
+                    Conn::Cluster(c) => script.load_async(c).await?,
+                };
+                self.query(cmd).await
+            }
+            other => other,
+        }
+    }
+}
+
+/// One bucket of a queued request, as the script takes it.
+struct Bucket {
+    key: Arc<str>,
+    interval_us: u64,
+    burst: u64,
+    cost: u64,
+    shadow: bool,
+}
+
+impl Bucket {
+    fn of(c: &Charge) -> Bucket {
+        Bucket {
+            key: c.key.0.clone(),
+            interval_us: (gcra::interval_nanos(&c.rate) / 1000).max(1),
+            burst: c.rate.burst,
+            cost: c.cost,
+            shadow: c.shadow,
+        }
+    }
+}
+
+/// A request for a script call: its buckets, and where its outcomes go (`Err` when the call
+/// failed; the failure is then marked).
+struct Job {
+    buckets: Vec<Bucket>,
+    reply: oneshot::Sender<Result<Vec<Outcome>, ()>>,
 }
 
 /// A bucket known to be empty (for costs of at least `cost`) until `until`.
@@ -319,40 +399,87 @@ impl RedisLimiter {
         }
     }
 
-    async fn ask_redis(&self, charges: &[Charge]) -> Result<Vec<Outcome>, String> {
+    /// One script call for `jobs` (all in one slot in cluster mode): their outcomes, in order.
+    async fn ask_redis(&self, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>, String> {
         let Some(conn) = self.conn.load_full() else {
             return Err("not connected".into());
         };
         let mut conn = (*conn).clone();
-        let mut inv = self.gcra.prepare_invoke();
-        for c in charges {
-            inv.key(&*c.key.0);
+        let keys: usize = jobs.iter().map(|j| j.buckets.len()).sum();
+        let bytes: usize = jobs
+            .iter()
+            .flat_map(|j| &j.buckets)
+            .map(|b| b.key.len() + 32)
+            .sum();
+        let mut cmd = redis::Cmd::with_capacity(4 + jobs.len() + 5 * keys, 64 + bytes);
+        cmd.arg("EVALSHA").arg(self.gcra.get_hash()).arg(keys);
+        for b in jobs.iter().flat_map(|j| &j.buckets) {
+            cmd.arg(&*b.key);
         }
-        for c in charges {
-            let interval_us = (gcra::interval_nanos(&c.rate) / 1000).max(1);
-            inv.arg(interval_us)
-                .arg(c.rate.burst)
-                .arg(c.cost)
-                .arg(u8::from(c.shadow));
+        cmd.arg(jobs.len());
+        for j in jobs {
+            cmd.arg(j.buckets.len());
         }
-        let reply: Vec<i64> = tokio::time::timeout(self.timeout, conn.invoke(&inv))
+        for b in jobs.iter().flat_map(|j| &j.buckets) {
+            cmd.arg(b.interval_us)
+                .arg(b.burst)
+                .arg(b.cost)
+                .arg(u8::from(b.shadow));
+        }
+        let reply: Vec<i64> = tokio::time::timeout(self.timeout, conn.eval(&self.gcra, &cmd))
             .await
             .map_err(|_| format!("no answer within {:?}", self.timeout))?
             .map_err(|e| e.to_string())?;
-        if reply.len() != 1 + 4 * charges.len() {
-            return Err(format!("unexpected script reply of {} values", reply.len()));
+        if reply.len() != jobs.len() + 4 * keys {
+            return Err(format!(
+                "unexpected script reply of {} values for {} requests of {keys} buckets",
+                reply.len(),
+                jobs.len()
+            ));
         }
         let us = |v: i64| Duration::from_micros(v.max(0) as u64);
-        Ok(reply[1..]
-            .chunks(4)
-            .map(|r| Outcome {
-                allowed: r[0] == 1,
-                tat: 0,
-                remaining: r[1].max(0) as u64,
-                retry_after: us(r[2]),
-                reset: us(r[3]),
+        let mut rest = &reply[..];
+        Ok(jobs
+            .iter()
+            .map(|j| {
+                // rest[0] is the request's commit flag; `combine` derives the same from the
+                // outcomes.
+                let (mine, tail) = rest.split_at(1 + 4 * j.buckets.len());
+                rest = tail;
+                mine[1..]
+                    .chunks(4)
+                    .map(|r| Outcome {
+                        allowed: r[0] == 1,
+                        tat: 0,
+                        remaining: r[1].max(0) as u64,
+                        retry_after: us(r[2]),
+                        reset: us(r[3]),
+                    })
+                    .collect()
             })
             .collect())
+    }
+
+    /// One script call for `jobs`; each request's outcomes go to its `reply`.
+    async fn call(self: &Arc<Self>, jobs: Vec<Job>) {
+        match self.ask_redis(&jobs).await {
+            Ok(outcomes) => {
+                self.mark_healthy();
+                for (job, outcomes) in jobs.into_iter().zip(outcomes) {
+                    // A request whose caller went away meanwhile: nobody to tell.
+                    let _ = job.reply.send(Ok(outcomes));
+                }
+            }
+            Err(why) => {
+                if self.conn.load().is_none() {
+                    self.connect_in_background();
+                }
+                self.mark_failed(&why);
+                for job in jobs {
+                    let _ = job.reply.send(Err(()));
+                }
+            }
+        }
     }
 
     fn under_policy(&self, charges: &[Charge]) -> Decision {
@@ -382,24 +509,24 @@ impl RedisLimiter {
         None
     }
 
-    /// One script call for all of the request's buckets.
+    /// One script call for all of the request's buckets (a batch of one).
     async fn decide_remotely(self: &Arc<Self>, charges: &[Charge]) -> Decision {
-        match self.ask_redis(charges).await {
-            Ok(outcomes) => {
-                self.mark_healthy();
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            buckets: charges.iter().map(Bucket::of).collect(),
+            reply,
+        };
+        self.call(vec![job]).await;
+        match answer.await {
+            Ok(Ok(outcomes)) => {
                 let decision = combine(charges, &outcomes);
                 if matches!(decision, Decision::Denied(_)) {
                     self.remember_denials(charges, &outcomes);
                 }
                 decision
             }
-            Err(why) => {
-                if self.conn.load().is_none() {
-                    self.connect_in_background();
-                }
-                self.mark_failed(&why);
-                self.under_policy(charges)
-            }
+            // The call failed: `call` marked it.
+            _ => self.under_policy(charges),
         }
     }
 

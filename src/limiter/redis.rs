@@ -1,22 +1,32 @@
-//! The Redis limiter, shared by every replica: one `EVALSHA` per request checks and updates all
-//! of its buckets atomically (GCRA, the same arithmetic as `gcra.rs`), with time from Redis `TIME` so
+//! The Redis limiter, shared by every replica: a Lua script checks and updates all buckets of a
+//! request atomically (GCRA, the same arithmetic as `gcra.rs`), with time from Redis `TIME` so
 //! replicas with skewed clocks agree. Keys are hash-tagged by account, so it works on Redis
 //! Cluster. redis-rs reloads the script on `NOSCRIPT`; the connection reconnects itself.
 //!
+//! Requests that need Redis share script calls (opportunistic batching): they queue for one
+//! task, the batcher, which sends whatever is queued when a call slot is free as one `EVALSHA`
+//! (at most [`CALLS_IN_FLIGHT`] calls out at once, up to 64 requests / 512 buckets a call). No
+//! timer and no window: a lone request goes at once, as a batch of one; under load, requests
+//! that arrive while calls are out go together in the next one, so round trips per request fall
+//! below 1 as the load rises. The script decides the requests of a batch in order, each
+//! all-or-nothing as on its own, each seeing what the earlier ones committed. In cluster mode a
+//! batch is split by hash tag (a script's keys must share a slot): one call per account.
+//!
 //! Around it: a local deny-cache (a bucket known empty until T is answered here until T, with no
-//! round trip), a timeout budget on every call, and the failure policy (`local`: an
+//! round trip), a timeout budget on every call (a batch's call: a call that fails or times out
+//! sends each of its requests to the failure policy), and the failure policy (`local`: an
 //! in-memory GCRA at a share of each limit; `allow`; `deny`) with a warning and a metric when it
 //! takes over, and automatic recovery (a probe every 200 ms while Redis is down).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::gcra::{self, Outcome};
 use super::memory::MemoryLimiter;
@@ -122,6 +132,14 @@ return 0
 /// While Redis is down, one request in this interval probes it.
 const PROBE_EVERY: Duration = Duration::from_millis(200);
 
+/// A batch takes at most this many requests...
+const BATCH_REQUESTS: usize = 64;
+/// ...and at most this many buckets (a request with more goes alone).
+const BATCH_KEYS: usize = 512;
+/// Script calls in flight at once; while they are all out, requests queue and go together in
+/// the next batch.
+const CALLS_IN_FLIGHT: usize = 2;
+
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
@@ -187,11 +205,33 @@ impl Bucket {
     }
 }
 
-/// A request for a script call: its buckets, and where its outcomes go (`Err` when the call
-/// failed; the failure is then marked).
+/// A request waiting for the batcher: its buckets, and where its outcomes go (`Err` when the
+/// call failed; the batcher has then marked the failure).
 struct Job {
     buckets: Vec<Bucket>,
     reply: oneshot::Sender<Result<Vec<Outcome>, ()>>,
+}
+
+/// The Redis Cluster hash tag of a key: the text between the first `{` and the next `}` when
+/// that is not empty, else the whole key (the rule Redis hashes slots by).
+fn hash_tag(key: &str) -> &str {
+    if let Some(open) = key.find('{') {
+        if let Some(len) = key[open + 1..].find('}') {
+            if len > 0 {
+                return &key[open + 1..open + 1 + len];
+            }
+        }
+    }
+    key
+}
+
+/// The hash tag all buckets of a job share (`None` when they do not: it then goes alone).
+fn job_tag(job: &Job) -> Option<&str> {
+    let first = hash_tag(&job.buckets.first()?.key);
+    job.buckets[1..]
+        .iter()
+        .all(|b| hash_tag(&b.key) == first)
+        .then_some(first)
 }
 
 /// A bucket known to be empty (for costs of at least `cost`) until `until`.
@@ -215,6 +255,8 @@ pub struct RedisLimiter {
     lease_ttl: Duration,
     replica: String,
     leases: AtomicU64,
+    /// Requests for the batcher (see [`batcher`]).
+    jobs: mpsc::UnboundedSender<Job>,
     deny_cache: Mutex<HashMap<BucketKey, Known>>,
     degraded: AtomicBool,
     origin: Instant,
@@ -234,6 +276,7 @@ impl RedisLimiter {
             .iter()
             .map(|u| crate::config::resolve_secret(u))
             .collect::<Result<Vec<_>, _>>()?;
+        let (jobs, queue) = mpsc::unbounded_channel();
         let limiter = Arc::new(RedisLimiter {
             conn: ArcSwapOption::empty(),
             connecting: AtomicBool::new(false),
@@ -247,12 +290,14 @@ impl RedisLimiter {
             lease_ttl: cfg.lease_ttl.0,
             replica: uuid::Uuid::new_v4().simple().to_string(),
             leases: AtomicU64::new(0),
+            jobs,
             deny_cache: Mutex::new(HashMap::new()),
             degraded: AtomicBool::new(false),
             origin: Instant::now(),
             next_probe: AtomicU64::new(0),
             metrics,
         });
+        tokio::spawn(batcher(Arc::downgrade(&limiter), queue));
         limiter.connect_in_background();
         Ok(limiter)
     }
@@ -460,7 +505,28 @@ impl RedisLimiter {
             .collect())
     }
 
-    /// One script call for `jobs`; each request's outcomes go to its `reply`.
+    /// Decides one batch: one script call in single-node mode; in cluster mode one per hash
+    /// tag (a script's keys must share a slot), concurrently. A failed call sends each of its
+    /// requests to the failure policy.
+    async fn run_batch(self: Arc<Self>, batch: Vec<Job>) {
+        if !self.cluster || batch.len() == 1 {
+            return self.call(batch).await;
+        }
+        let mut groups: Vec<Vec<Job>> = Vec::new();
+        for job in batch {
+            let at = job_tag(&job)
+                .and_then(|tag| groups.iter().position(|g| job_tag(&g[0]) == Some(tag)));
+            match at {
+                Some(i) => groups[i].push(job),
+                None => groups.push(vec![job]),
+            }
+        }
+        if groups.len() == 1 {
+            return self.call(groups.pop().unwrap_or_default()).await;
+        }
+        futures_util::future::join_all(groups.into_iter().map(|g| self.call(g))).await;
+    }
+
     async fn call(self: &Arc<Self>, jobs: Vec<Job>) {
         match self.ask_redis(&jobs).await {
             Ok(outcomes) => {
@@ -509,24 +575,31 @@ impl RedisLimiter {
         None
     }
 
-    /// One script call for all of the request's buckets (a batch of one).
-    async fn decide_remotely(self: &Arc<Self>, charges: &[Charge]) -> Decision {
+    /// Queues the request for the batcher and waits for its outcomes.
+    async fn decide_remotely(&self, charges: &[Charge]) -> Decision {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             buckets: charges.iter().map(Bucket::of).collect(),
             reply,
         };
-        self.call(vec![job]).await;
-        match answer.await {
-            Ok(Ok(outcomes)) => {
+        let answer = match self.jobs.send(job) {
+            Ok(()) => answer.await.ok(),
+            Err(_) => None,
+        };
+        match answer {
+            Some(Ok(outcomes)) => {
                 let decision = combine(charges, &outcomes);
                 if matches!(decision, Decision::Denied(_)) {
                     self.remember_denials(charges, &outcomes);
                 }
                 decision
             }
-            // The call failed: `call` marked it.
-            _ => self.under_policy(charges),
+            // The call failed: the batcher marked it.
+            Some(Err(())) => self.under_policy(charges),
+            None => {
+                self.mark_failed("the Redis batcher is gone");
+                self.under_policy(charges)
+            }
         }
     }
 
@@ -595,6 +668,55 @@ impl RedisLimiter {
     }
 }
 
+/// The one task that sends requests to Redis. It takes whatever is queued when a call slot is
+/// free (no timer: a lone request goes at once, as a batch of one), up to [`BATCH_REQUESTS`]
+/// requests and [`BATCH_KEYS`] buckets, and decides them in one script call. While
+/// [`CALLS_IN_FLIGHT`] calls are out, requests queue, so the busier the gateway, the larger the
+/// batches. Ends with the limiter (its queue closes).
+async fn batcher(limiter: Weak<RedisLimiter>, mut queue: mpsc::UnboundedReceiver<Job>) {
+    let slots = Arc::new(Semaphore::new(CALLS_IN_FLIGHT));
+    let mut carried: Option<Job> = None;
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match queue.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let mut keys = 0;
+        let mut batch = Vec::new();
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            // A request whose caller went away (a dropped future) is not decided.
+            if !job.reply.is_closed() {
+                if !batch.is_empty() && keys + job.buckets.len() > BATCH_KEYS {
+                    carried = Some(job);
+                    break;
+                }
+                keys += job.buckets.len();
+                batch.push(job);
+            }
+            if batch.len() < BATCH_REQUESTS {
+                next = queue.try_recv().ok();
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let Some(limiter) = limiter.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            limiter.run_batch(batch).await;
+            drop(slot);
+        });
+    }
+}
+
 /// The trait is implemented on the `Arc` so a decision can outlive a borrowed call.
 pub struct SharedRedis(pub Arc<RedisLimiter>);
 
@@ -609,5 +731,20 @@ impl Limiter for SharedRedis {
 
     fn acquire(self: Arc<Self>, key: BucketKey, limit: u32) -> BoxFuture<'static, Slot> {
         Box::pin(self.0.clone().slot(key, limit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_tags_follow_the_redis_cluster_rule() {
+        assert_eq!(hash_tag("tg:{acct}:api"), "acct");
+        assert_eq!(hash_tag("tg:{ip:10.0.0.1}:unauthenticated"), "ip:10.0.0.1");
+        assert_eq!(hash_tag("a{b}{c}"), "b");
+        assert_eq!(hash_tag("a{}b{c}"), "a{}b{c}");
+        assert_eq!(hash_tag("a{b"), "a{b");
+        assert_eq!(hash_tag("plain"), "plain");
     }
 }

@@ -1,7 +1,10 @@
 //! The Redis limiter shared by replicas, against real `redis-server` processes the tests start:
 //! exact across 3 gateway processes (one Redis, and a 3-master Redis Cluster built with
 //! `redis-cli --cluster create`), replicas with skewed clocks agreeing, and the deny-cache
-//! (a flood from an over-limit key makes no Redis calls, counted with `INFO commandstats`).
+//! (a flood from an over-limit key makes no Redis calls, counted with `INFO commandstats`);
+//! concurrent requests sharing script calls (fewer calls than requests, still exact), and the
+//! limiter's API driven from many tasks at once (requests of one call see each other's commits,
+//! a denied one takes nothing, a cluster batch is split by slot, dropped callers are harmless).
 //!
 //! The load tests hold [`HEAVY`] so that two of them never share this small machine's cores.
 
@@ -315,4 +318,344 @@ async fn a_raised_limit_applies_at_once_after_a_reload_despite_a_cached_denial()
         member(&policy_field(&after), "api", "RateLimit-Policy").param("q"),
         100
     );
+}
+
+/// Sends `n` GETs with KEY at the same moment, each on a keep-alive connection of its own that
+/// was opened (and used once, unauthenticated: nothing charged) beforehand; their statuses.
+async fn at_once(gw: &Gateway, n: usize) -> Vec<u16> {
+    let url = gw.url(&ws_path("flows/"));
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.clone();
+            let start = start.clone();
+            tokio::spawn(async move {
+                let mut c = KeepAlive::new(&url);
+                let (warm, _) = c.get(&[]).await;
+                assert_eq!(warm, 401, "an unauthenticated request is refused");
+                start.wait().await;
+                c.get(&[("authorization".to_string(), bearer(KEY))]).await.0
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_script_calls() {
+    let _heavy = heavy().await;
+    let redis = RedisServer::start();
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let cfg =
+        LimitsConfig::new(&up.url(), &Backend::Redis(redis.url())).plan("api = \"100000/1m\"");
+    let gw = start_gateway(&cfg).await;
+    let mut calls = 0;
+    let mut requests = 0;
+    for round in 0..3 {
+        let before = redis.script_calls();
+        let statuses = at_once(&gw, 64).await;
+        let used = redis.script_calls() - before;
+        eprintln!("batching, round {round}: 64 concurrent requests took {used} script calls");
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "statuses: {:?}",
+            by_status_u16(&statuses)
+        );
+        calls += used;
+        requests += statuses.len() as u64;
+    }
+    eprintln!(
+        "batching: {calls} script calls for {requests} concurrent requests ({:.3} a request)",
+        calls as f64 / requests as f64
+    );
+    assert_eq!(
+        metric(&gw, "tollgate_limiter_fallback_decisions_total").await,
+        Some(0.0),
+        "every request was decided by Redis"
+    );
+    assert!(
+        calls < requests,
+        "{calls} script calls for {requests} concurrent requests: no call was shared"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_in_shared_calls_admit_exactly_the_limit() {
+    let _heavy = heavy().await;
+    let redis = RedisServer::start();
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    // 50 an hour: nothing comes back during the test.
+    let cfg = LimitsConfig::new(&up.url(), &Backend::Redis(redis.url())).plan("api = \"50/1h\"");
+    let gw = start_gateway(&cfg).await;
+    let before = redis.script_calls();
+    let statuses = at_once(&gw, 200).await;
+    let calls = redis.script_calls() - before;
+    let by = by_status_u16(&statuses);
+    eprintln!("200 concurrent requests under 50/1h: {by:?}, {calls} script calls");
+    assert_eq!(by.get(&200), Some(&50), "statuses: {by:?}");
+    assert_eq!(by.get(&429), Some(&150), "statuses: {by:?}");
+    assert_eq!(
+        metric(&gw, "tollgate_limiter_fallback_decisions_total").await,
+        Some(0.0),
+        "every request was decided by Redis"
+    );
+}
+
+/// The limiter itself against a real Redis: `check` from many tasks at once.
+mod limiter_api {
+    use super::*;
+
+    use std::sync::Arc;
+
+    use tollgate::config::{Backend, FailurePolicy, LimiterConfig, Rate, RedisUrls, Span};
+    use tollgate::limiter::redis::{RedisLimiter, SharedRedis};
+    use tollgate::limiter::{decide, BucketKey, Charge, Decision, Limiter};
+    use tollgate::metrics::Metrics;
+
+    /// A Redis limiter under the `deny` policy (a request Redis did not decide is
+    /// `Unavailable`, never silently admitted), once Redis decides its requests.
+    async fn limiter(urls: Vec<String>, cluster: bool) -> (Arc<dyn Limiter>, Arc<Metrics>) {
+        let cfg = LimiterConfig {
+            backend: Backend::Redis,
+            redis_url: Some(RedisUrls::Many(urls)),
+            cluster,
+            failure_policy: FailurePolicy::Deny,
+            // Generous: a debug build on a busy machine must not time out.
+            timeout: Span(Duration::from_secs(2)),
+            ..LimiterConfig::default()
+        };
+        let metrics = Arc::new(Metrics::default());
+        let limiter: Arc<dyn Limiter> = Arc::new(SharedRedis(
+            RedisLimiter::new(&cfg, metrics.clone()).unwrap(),
+        ));
+        let warm = vec![charge(
+            uuid::Uuid::new_v4(),
+            "warm",
+            Rate::new(1000, PERIOD),
+        )];
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while matches!(decide(&*limiter, &warm).await, Decision::Unavailable) {
+            assert!(
+                Instant::now() < deadline,
+                "Redis does not decide after 15 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (limiter, metrics)
+    }
+
+    fn charge(account: uuid::Uuid, scope: &str, rate: Rate) -> Charge {
+        Charge {
+            key: BucketKey::new(&account, scope),
+            name: scope.into(),
+            rate,
+            cost: 1,
+            shadow: false,
+        }
+    }
+
+    #[derive(Debug, Default, PartialEq)]
+    struct Tally {
+        allowed: usize,
+        denied: usize,
+        unavailable: usize,
+    }
+
+    /// Decides every request in `requests` at once (a task each); the decisions, in order.
+    async fn all_at_once(limiter: &Arc<dyn Limiter>, requests: Vec<Vec<Charge>>) -> Vec<Decision> {
+        let start = Arc::new(tokio::sync::Barrier::new(requests.len()));
+        let tasks: Vec<_> = requests
+            .into_iter()
+            .map(|charges| {
+                let limiter = limiter.clone();
+                let start = start.clone();
+                tokio::spawn(async move {
+                    start.wait().await;
+                    decide(&*limiter, &charges).await
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    }
+
+    fn tally<'a>(decisions: impl IntoIterator<Item = &'a Decision>) -> Tally {
+        let mut t = Tally::default();
+        for d in decisions {
+            match d {
+                Decision::Allowed(_) => t.allowed += 1,
+                Decision::Denied(_) => t.denied += 1,
+                Decision::Unavailable => t.unavailable += 1,
+            }
+        }
+        t
+    }
+
+    /// The requests of one call see each other's commits: 200 at once on a bucket of burst
+    /// 50 admit exactly 50 (a script reading the bucket once per call would admit one per
+    /// call and so more than 50).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_sharing_a_call_see_each_others_commits() {
+        let _heavy = heavy().await;
+        let redis = RedisServer::start();
+        let (limiter, metrics) = limiter(vec![redis.url()], false).await;
+        let bucket = charge(
+            uuid::Uuid::new_v4(),
+            "api",
+            Rate::new(50, Duration::from_secs(3600)),
+        );
+        let fallback = || {
+            metrics
+                .limiter_fallback
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let fallback_before = fallback();
+        let before = redis.script_calls();
+        let decisions = all_at_once(&limiter, vec![vec![bucket.clone()]; 200]).await;
+        let calls = redis.script_calls() - before;
+        let t = tally(&decisions);
+        eprintln!("200 checks at once on a bucket of burst 50: {t:?}, {calls} script calls");
+        assert_eq!(
+            t,
+            Tally {
+                allowed: 50,
+                denied: 150,
+                unavailable: 0
+            }
+        );
+        assert!(calls < 200, "{calls} script calls: no call was shared");
+        assert_eq!(
+            fallback(),
+            fallback_before,
+            "requests decided under the failure policy"
+        );
+    }
+
+    /// A request denied by one of its buckets takes nothing from the others, also when the
+    /// requests that do pass share its script call.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_denied_in_a_shared_call_takes_nothing_from_its_other_buckets() {
+        let _heavy = heavy().await;
+        let redis = RedisServer::start();
+        let (limiter, _) = limiter(vec![redis.url()], false).await;
+        let account = uuid::Uuid::new_v4();
+        let hour = Duration::from_secs(3600);
+        let shared = charge(account, "shared", Rate::new(10, hour));
+        let empty = charge(account, "empty", Rate::new(1, hour));
+        assert!(matches!(
+            decide(&*limiter, std::slice::from_ref(&empty)).await,
+            Decision::Allowed(_)
+        ));
+        // Alternately: [shared] (10 of them pass), and [shared, empty] (always refused).
+        let requests: Vec<Vec<Charge>> = (0..200)
+            .map(|i| {
+                if i % 2 == 0 {
+                    vec![shared.clone()]
+                } else {
+                    vec![shared.clone(), empty.clone()]
+                }
+            })
+            .collect();
+        let decisions = all_at_once(&limiter, requests).await;
+        let alone = tally(decisions.iter().step_by(2));
+        let with_empty = tally(decisions.iter().skip(1).step_by(2));
+        eprintln!("[shared]: {alone:?}; [shared, empty]: {with_empty:?}");
+        assert_eq!(
+            alone,
+            Tally {
+                allowed: 10,
+                denied: 90,
+                unavailable: 0
+            }
+        );
+        assert_eq!(
+            with_empty,
+            Tally {
+                allowed: 0,
+                denied: 100,
+                unavailable: 0
+            }
+        );
+    }
+
+    /// Callers that go away (their futures dropped while queued or while their call is out)
+    /// leave the batcher working: the next requests are decided, exactly.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropped_requests_do_not_break_the_batcher() {
+        let _heavy = heavy().await;
+        let redis = RedisServer::start();
+        let (limiter, _) = limiter(vec![redis.url()], false).await;
+        let account = uuid::Uuid::new_v4();
+        let hour = Duration::from_secs(3600);
+        let dropped = charge(account, "dropped", Rate::new(1000, hour));
+        for round in 0..5 {
+            let tasks: Vec<_> = (0..100)
+                .map(|_| {
+                    let limiter = limiter.clone();
+                    let charges = vec![dropped.clone()];
+                    tokio::spawn(async move { decide(&*limiter, &charges).await })
+                })
+                .collect();
+            // Some are still queued, some in a call, some done.
+            tokio::time::sleep(Duration::from_micros(200 * round)).await;
+            for t in &tasks {
+                t.abort();
+            }
+        }
+        let after = charge(account, "after", Rate::new(20, hour));
+        let decisions = all_at_once(&limiter, vec![vec![after]; 60]).await;
+        assert_eq!(
+            tally(&decisions),
+            Tally {
+                allowed: 20,
+                denied: 40,
+                unavailable: 0
+            }
+        );
+    }
+
+    /// On a Redis Cluster a call's keys must share a slot: a batch of several accounts is
+    /// split by hash tag, and each account still admits exactly its limit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cluster_batch_of_several_accounts_is_split_by_slot_and_stays_exact() {
+        let _heavy = heavy().await;
+        let cluster = RedisCluster::start(3);
+        let (limiter, metrics) = limiter(cluster.urls(), true).await;
+        let accounts: Vec<uuid::Uuid> = (0..6).map(|_| uuid::Uuid::new_v4()).collect();
+        let rate = Rate::new(20, Duration::from_secs(3600));
+        let requests: Vec<Vec<Charge>> = (0..240)
+            .map(|i| vec![charge(accounts[i % accounts.len()], "api", rate)])
+            .collect();
+        let errors = || {
+            metrics
+                .redis_errors
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let errors_before = errors();
+        let before = cluster.script_calls();
+        let decisions = all_at_once(&limiter, requests).await;
+        let calls = cluster.script_calls() - before;
+        for (a, _) in accounts.iter().enumerate() {
+            let t = tally(decisions.iter().skip(a).step_by(accounts.len()));
+            eprintln!("cluster, account {a}: {t:?}");
+            assert_eq!(
+                t,
+                Tally {
+                    allowed: 20,
+                    denied: 20,
+                    unavailable: 0
+                },
+                "account {a}"
+            );
+        }
+        eprintln!("cluster: 240 checks of 6 accounts at once: {calls} script calls");
+        assert_eq!(errors(), errors_before, "a call failed (CROSSSLOT?)");
+    }
 }

@@ -184,14 +184,20 @@ async fn an_upstream_that_closes_after_each_answer_loses_no_request() {
     assert_eq!(up.answered.load(Ordering::SeqCst), 10);
 }
 
-#[tokio::test]
-async fn a_get_on_a_connection_the_upstream_closed_idle_is_sent_again() {
+/// One answered request, then idle long enough that the upstream's keep-alive timer may have
+/// fired: the pooled connection will close under the next request.
+async fn a_pooled_connection_the_upstream_will_drop() -> (RawUpstream, Gateway) {
     let up = RawUpstream::start(Conn::DropSecond).await;
     let gw = Gateway::start(&Fixture::new(&up.url()).toml());
     assert_eq!(get_flows(&gw).await.status, 200);
-    // Idle long enough that the upstream's keep-alive timer may have fired: the next GET meets
-    // a connection that closes under it, and is sent again on a fresh one.
     tokio::time::sleep(Duration::from_millis(700)).await;
+    (up, gw)
+}
+
+#[tokio::test]
+async fn a_get_on_a_connection_the_upstream_closed_idle_is_sent_again() {
+    let (up, gw) = a_pooled_connection_the_upstream_will_drop().await;
+    // The next GET meets a connection that closes under it, and is sent again on a fresh one.
     let resp = get_flows(&gw).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(
@@ -208,10 +214,7 @@ async fn a_get_on_a_connection_the_upstream_closed_idle_is_sent_again() {
 
 #[tokio::test]
 async fn a_post_on_a_connection_the_upstream_closed_is_not_sent_twice() {
-    let up = RawUpstream::start(Conn::DropSecond).await;
-    let gw = Gateway::start(&Fixture::new(&up.url()).toml());
-    assert_eq!(get_flows(&gw).await.status, 200);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (up, gw) = a_pooled_connection_the_upstream_will_drop().await;
     // The upstream may have acted on a POST it read: never replayed, the client decides.
     let resp = http::request(
         "POST",

@@ -97,15 +97,6 @@ impl Upstream {
         }
         pq
     }
-
-    /// `{base}/api/{rest}` with the query string as the client wrote it.
-    pub fn uri_for(&self, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(self.path_for(rest, query))
-            .build()
-    }
 }
 
 #[derive(Debug)]
@@ -124,6 +115,9 @@ pub struct Tenants {
     accounts: HashMap<Uuid, Arc<Account>>,
     workspaces: HashMap<Uuid, Arc<Workspace>>,
     by_handle: HashMap<(String, String), Uuid>,
+    /// Each account's workspaces by handle: a gRPC call without `x-prefect-workspace` and
+    /// `GET /api/me/workspaces` look here instead of scanning every tenant's workspaces.
+    by_account: HashMap<Uuid, Vec<Arc<Workspace>>>,
 }
 
 impl Tenants {
@@ -169,7 +163,12 @@ impl Tenants {
             };
             t.by_handle
                 .insert((ws.account.handle.clone(), ws.handle.clone()), id);
-            t.workspaces.insert(id, Arc::new(ws));
+            let ws = Arc::new(ws);
+            t.by_account.entry(account_id).or_default().push(ws.clone());
+            t.workspaces.insert(id, ws);
+        }
+        for list in t.by_account.values_mut() {
+            list.sort_by(|a, b| a.handle.cmp(&b.handle));
         }
         Ok(t)
     }
@@ -195,13 +194,43 @@ impl Tenants {
     }
 
     /// The workspaces of an account, in a stable order.
-    pub fn workspaces_of(&self, account: &Uuid) -> Vec<&Arc<Workspace>> {
-        let mut v: Vec<_> = self
-            .workspaces
-            .values()
-            .filter(|w| w.account.id == *account)
-            .collect();
-        v.sort_by(|a, b| a.handle.cmp(&b.handle));
-        v
+    pub fn workspaces_of(&self, account: &Uuid) -> &[Arc<Workspace>] {
+        self.by_account.get(account).map_or(&[], Vec::as_slice)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_accounts_workspaces_are_its_own_in_handle_order() {
+        let a = "11111111-1111-4111-8111-111111111111";
+        let b = "33333333-3333-4333-8333-333333333333";
+        let mut toml = format!(
+            "[plans.p]\napi = \"10/1m\"\n\
+             [[accounts]]\nid = \"{a}\"\nhandle = \"a\"\nplan = \"p\"\n\
+             [[accounts]]\nid = \"{b}\"\nhandle = \"b\"\nplan = \"p\"\n"
+        );
+        for (i, (account, handle)) in [(a, "zeta"), (b, "other"), (a, "alpha"), (a, "mid")]
+            .iter()
+            .enumerate()
+        {
+            toml.push_str(&format!(
+                "[[workspaces]]\nid = \"22222222-2222-4222-8222-00000000000{i}\"\n\
+                 account = \"{account}\"\nhandle = \"{handle}\"\nupstream = \"http://127.0.0.1:1\"\n"
+            ));
+        }
+        let cfg = Config::parse(&toml, "test").expect("config");
+        let t = Tenants::from_config(&cfg).expect("tenants");
+        let handles = |id: &str| -> Vec<String> {
+            t.workspaces_of(&Uuid::parse_str(id).unwrap())
+                .iter()
+                .map(|w| w.handle.clone())
+                .collect()
+        };
+        assert_eq!(handles(a), ["alpha", "mid", "zeta"]);
+        assert_eq!(handles(b), ["other"]);
+        assert!(handles("44444444-4444-4444-8444-444444444444").is_empty());
     }
 }

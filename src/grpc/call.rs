@@ -85,10 +85,11 @@ impl Call {
         query: Option<&str>,
         body: Option<&Value>,
     ) -> Result<(StatusCode, HeaderMap, Bytes), GatewayError> {
-        let uri =
-            self.workspace.upstream.uri_for(rest, query).map_err(|e| {
-                GatewayError::BadRequest(format!("cannot build the upstream URI: {e}"))
-            })?;
+        let uri = self
+            .workspace
+            .upstream
+            .origin_uri_for(rest, query)
+            .map_err(|e| GatewayError::BadRequest(format!("cannot build the upstream URI: {e}")))?;
         let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         let mut headers = self.headers.clone();
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
@@ -105,7 +106,8 @@ impl Call {
             return Err(GatewayError::UpstreamTimeout(Duration::ZERO));
         }
         let exchange = async {
-            let resp = self.gw.upstream.request(req).await.map_err(|e| {
+            let authority = &self.workspace.upstream.authority;
+            let resp = self.gw.upstream.send_to(authority, req).await.map_err(|e| {
                 self.gw
                     .metrics
                     .upstream_errors

@@ -83,19 +83,17 @@ async fn count_log_entries(req: Request) -> Result<(Request, u64), GatewayError>
     Ok((Request::from_parts(parts, Body::from(bytes)), n))
 }
 
-impl Middleware for RateLimit {
-    async fn call<N: Handle>(&self, req: Request, next: &N) -> Response {
-        let Some(principal) = req.extensions().get::<Principal>().cloned() else {
-            // A websocket that authenticates with its first message: the bridge charges it.
-            return next.handle(req).await;
-        };
+impl RateLimit {
+    /// Everything before the request goes on: its charges decided, its concurrency slot held.
+    /// Apart from `call` so that none of it stays in the future that waits for the response.
+    async fn admit(&self, req: Request, principal: &Principal) -> Admitted {
         let account = &principal.account;
         let upgrade = websocket::is_upgrade(&req);
         let protocol = Protocol::of(&req);
         let (req, logs) = if is_logs_post(&req) {
             match Box::pin(count_log_entries(req)).await {
                 Ok(r) => r,
-                Err(e) => return e.render(protocol),
+                Err(e) => return Admitted::Refused(e.render(protocol)),
             }
         } else {
             (req, 0)
@@ -125,12 +123,16 @@ impl Middleware for RateLimit {
             // A refused upgrade is never retried by the Prefect client, and a lost events/in
             // socket loses task runs: upgrades are counted when there is room, never refused.
             Decision::Denied(_) if upgrade => None,
-            Decision::Denied(denial) => return refuse(&self.0, account, denial, protocol),
+            Decision::Denied(denial) => {
+                return Admitted::Refused(refuse(&self.0, account, denial, protocol))
+            }
             Decision::Unavailable if upgrade => None,
-            Decision::Unavailable => return GatewayError::LimiterUnavailable.render(protocol),
+            Decision::Unavailable => {
+                return Admitted::Refused(GatewayError::LimiterUnavailable.render(protocol))
+            }
         };
         // The concurrency slot is held until the response head is ready.
-        let _lease = match account.policy.concurrency {
+        let lease = match account.policy.concurrency {
             None => None,
             Some(limit) => {
                 let key = BucketKey::new(&account.id, "inflight");
@@ -142,11 +144,44 @@ impl Middleware for RateLimit {
                             retry_after: CONCURRENCY_RETRY,
                             report: Report::default(),
                         };
-                        return refuse(&self.0, account, denial, protocol);
+                        return Admitted::Refused(refuse(&self.0, account, denial, protocol));
                     }
-                    Slot::Unavailable => return GatewayError::LimiterUnavailable.render(protocol),
+                    Slot::Unavailable => {
+                        return Admitted::Refused(GatewayError::LimiterUnavailable.render(protocol))
+                    }
                 }
             }
+        };
+        Admitted::Go {
+            req,
+            report,
+            _lease: lease,
+        }
+    }
+}
+
+enum Admitted {
+    Go {
+        req: Request,
+        report: Option<Report>,
+        _lease: Option<crate::limiter::Lease>,
+    },
+    Refused(Response),
+}
+
+impl Middleware for RateLimit {
+    async fn call<N: Handle>(&self, req: Request, next: &N) -> Response {
+        let (req, report, _lease) = match req.extensions().get::<Principal>().cloned() {
+            // A websocket that authenticates with its first message: the bridge charges it.
+            None => (req, None, None),
+            Some(principal) => match self.admit(req, &principal).await {
+                Admitted::Go {
+                    req,
+                    report,
+                    _lease,
+                } => (req, report, _lease),
+                Admitted::Refused(resp) => return resp,
+            },
         };
         let mut resp = next.handle(req).await;
         if let Some(report) = report {

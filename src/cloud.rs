@@ -33,7 +33,7 @@ pub fn me_workspaces(
     let list: Vec<_> = tenancy
         .tenants
         .workspaces_of(&p.account.id)
-        .into_iter()
+        .iter()
         .filter(|w| p.key.allows(w.id))
         .map(|w| {
             json!({

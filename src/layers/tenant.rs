@@ -98,7 +98,7 @@ fn grpc_workspace(
     let Some(named) = named else {
         let usable: Vec<_> = tenants
             .workspaces_of(&p.account.id)
-            .into_iter()
+            .iter()
             .filter(|w| allowed(p, w))
             .collect();
         return match usable.as_slice() {

@@ -104,6 +104,11 @@ impl Gateway {
         self.tenancy.load_full()
     }
 
+    /// The tenancy for a look-up that ends before the next await: no reference count taken.
+    pub fn tenancy_now(&self) -> arc_swap::Guard<Arc<Tenancy>> {
+        self.tenancy.load()
+    }
+
     /// Re-reads the config file and swaps in its accounts, plans, workspaces and keys. A file
     /// with problems changes nothing. Listen addresses and the limiter backend need a restart.
     pub fn reload(&self) -> Result<(), String> {

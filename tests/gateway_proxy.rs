@@ -156,7 +156,8 @@ async fn hop_by_hop_headers_are_dropped() {
         &gw.url(&ws_path("flows/")),
         &[
             ("authorization", &bearer(KEY)),
-            ("connection", "keep-alive"),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "named by Connection"),
             ("keep-alive", "timeout=5"),
             ("te", "trailers"),
             ("trailer", "x-checksum"),
@@ -169,6 +170,7 @@ async fn hop_by_hop_headers_are_dropped() {
     assert_eq!(resp.status, 200, "{}", resp.text());
     let req = up.single_request();
     for h in [
+        "x-hop",
         "keep-alive",
         "te",
         "trailer",

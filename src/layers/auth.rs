@@ -27,7 +27,7 @@ pub fn layer(gw: &Arc<Gateway>) -> Stage<Auth> {
 
 /// The principal a presented key stands for.
 pub fn principal(gw: &Gateway, presented: &str) -> Result<Principal, GatewayError> {
-    let tenancy = gw.tenancy();
+    let tenancy = gw.tenancy_now();
     let key = tenancy.keys.verify(presented)?;
     let account = tenancy
         .tenants

@@ -47,7 +47,7 @@ pub fn resolve(
             workspace,
             rest,
         } => {
-            let tenancy = gw.tenancy();
+            let tenancy = gw.tenancy_now();
             let ws = tenancy
                 .tenants
                 .workspace(&workspace)
@@ -93,7 +93,7 @@ fn grpc_workspace(
     named: Option<&http::HeaderValue>,
     p: &Principal,
 ) -> Result<Arc<crate::tenancy::Workspace>, GatewayError> {
-    let tenancy = gw.tenancy();
+    let tenancy = gw.tenancy_now();
     let tenants = &tenancy.tenants;
     let Some(named) = named else {
         let usable: Vec<_> = tenants

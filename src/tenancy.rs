@@ -49,6 +49,12 @@ impl Upstream {
             .authority()
             .cloned()
             .ok_or_else(|| format!("{url:?} has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!(
+                "{url:?}: credentials in the URL would reach the upstream in its Host header; \
+                 put them in upstream_auth"
+            ));
+        }
         if uri.query().is_some() {
             return Err(format!("{url:?}: an upstream URL has no query string"));
         }
@@ -202,6 +208,13 @@ impl Tenants {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upstream_url_with_credentials_is_refused() {
+        let e = Upstream::parse("http://user:pass@prefect:4200", None).unwrap_err();
+        assert!(e.contains("upstream_auth"), "{e}");
+        assert!(Upstream::parse("http://prefect:4200/api", None).is_ok());
+    }
 
     #[test]
     fn an_accounts_workspaces_are_its_own_in_handle_order() {

@@ -5,7 +5,7 @@
 //! end, not when the head arrives: until then it is busy, and nothing waits on it. (A generic
 //! client pool watches each connection with a task of its own; this one costs a lock and a
 //! push.) A request that could not be written because its pooled connection had just closed is
-//! sent again on another; a bodiless idempotent request on a connection idle for a while is
+//! sent again on another; a bodiless safe request (GET, HEAD) on a connection idle for a while is
 //! also sent again if that connection turns out to have been closed by the upstream's
 //! keep-alive timeout before it answered (uvicorn closes idle connections after 5 s). Every
 //! other failure is the caller's 502.
@@ -279,27 +279,7 @@ impl UpstreamClient {
     }
 
     async fn connect(&self, authority: &Authority) -> Result<SendRequest<Body>, UpstreamError> {
-        let port = authority.port_u16().unwrap_or(80);
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let connecting = TcpStream::connect((host, port));
-        let tcp = match tokio::time::timeout(self.inner.connect_timeout, connecting).await {
-            Err(_) => {
-                return Err(UpstreamError::ConnectTimeout {
-                    authority: authority.to_string(),
-                    after: self.inner.connect_timeout,
-                })
-            }
-            Ok(Err(error)) => {
-                return Err(UpstreamError::Connect {
-                    authority: authority.to_string(),
-                    error,
-                })
-            }
-            Ok(Ok(tcp)) => tcp,
-        };
+        let tcp = self.dial(authority).await?;
         let _ = tcp.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
         let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
@@ -317,6 +297,51 @@ impl UpstreamClient {
     }
 }
 
+impl UpstreamClient {
+    /// A TCP connection to one of the authority's addresses, tried in the resolver's order
+    /// with the connect timeout split between them: a black-holed first address (an AAAA
+    /// record where IPv6 goes nowhere) costs its share, not the whole budget.
+    async fn dial(&self, authority: &Authority) -> Result<TcpStream, UpstreamError> {
+        let budget = self.inner.connect_timeout;
+        let timed_out = || UpstreamError::ConnectTimeout {
+            authority: authority.to_string(),
+            after: budget,
+        };
+        let failed = |error| UpstreamError::Connect {
+            authority: authority.to_string(),
+            error,
+        };
+        let port = authority.port_u16().unwrap_or(80);
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let started = Instant::now();
+        let addrs: Vec<std::net::SocketAddr> =
+            match tokio::time::timeout(budget, tokio::net::lookup_host((host, port))).await {
+                Err(_) => return Err(timed_out()),
+                Ok(Err(e)) => return Err(failed(e)),
+                Ok(Ok(a)) => a.collect(),
+            };
+        let mut last = None;
+        for (i, addr) in addrs.iter().enumerate() {
+            let left = budget.saturating_sub(started.elapsed());
+            let share = left / u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
+            match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+                Ok(Ok(tcp)) => return Ok(tcp),
+                Ok(Err(e)) => last = Some(failed(e)),
+                Err(_) => last = Some(timed_out()),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            failed(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the host name resolved to no address",
+            ))
+        }))
+    }
+}
+
 /// Closes idle connections of hosts that see no traffic (a checkout does it for busy ones).
 async fn sweeper(inner: Weak<Inner>) {
     loop {
@@ -324,22 +349,27 @@ async fn sweeper(inner: Weak<Inner>) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let hosts: Vec<Arc<Host>> = match inner.hosts.lock() {
-            Ok(h) => h.values().cloned().collect(),
-            Err(_) => return,
-        };
+        let hosts: Vec<Arc<Host>> = inner
+            .hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
         let now = Instant::now();
         hosts.iter().for_each(|h| h.sweep(now));
     }
 }
 
-/// A copy to send again, for a request that has no body and may be repeated (RFC 9110 §9.2.2).
+/// A copy to send again, for a request that has no body and is safe (RFC 9110 §9.2.1): sent
+/// twice, it changes nothing. (An idempotent PUT or DELETE the upstream may already have acted
+/// on before its worker died would answer differently the second time.)
 fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
-    let idempotent = matches!(
+    let safe = matches!(
         *req.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
     );
-    if !idempotent || !req.body().is_end_stream() {
+    if !safe || !req.body().is_end_stream() {
         return None;
     }
     let mut copy = Request::new(Body::empty());

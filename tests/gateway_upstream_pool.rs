@@ -213,26 +213,37 @@ async fn a_get_on_a_connection_the_upstream_closed_idle_is_sent_again() {
 }
 
 #[tokio::test]
-async fn a_post_on_a_connection_the_upstream_closed_is_not_sent_twice() {
-    let (up, gw) = a_pooled_connection_the_upstream_will_drop().await;
-    // The upstream may have acted on a POST it read: never replayed, the client decides.
-    let resp = http::request(
-        "POST",
-        &gw.url(&ws_path("flow_runs/")),
-        &[
-            ("authorization", &bearer(KEY)),
-            ("content-type", "application/json"),
-        ],
-        r#"{"flow_id":"x"}"#,
-    )
-    .await;
-    assert_eq!(resp.status, 502, "{}", resp.text());
-    assert!(!resp.detail().is_empty());
-    assert_eq!(
-        metric(&gw, "tollgate_upstream_requests_replayed_total").await,
-        0
-    );
-    assert_eq!(up.accepted.load(Ordering::SeqCst), 1);
-    // The pool recovers: the next request gets a fresh connection.
-    assert_eq!(get_flows(&gw).await.status, 200);
+async fn a_request_that_is_not_safe_is_not_sent_twice() {
+    // The upstream may have acted on a POST or a DELETE it read (a DELETE is idempotent, but a
+    // second one answers 404): never replayed, the client decides.
+    for (method, path, body) in [
+        ("POST", "flow_runs/", r#"{"flow_id":"x"}"#),
+        (
+            "DELETE",
+            "flow_runs/5a3c1f9e-0000-4000-8000-000000000000",
+            "",
+        ),
+    ] {
+        let (up, gw) = a_pooled_connection_the_upstream_will_drop().await;
+        let resp = http::request(
+            method,
+            &gw.url(&ws_path(path)),
+            &[
+                ("authorization", &bearer(KEY)),
+                ("content-type", "application/json"),
+            ],
+            body,
+        )
+        .await;
+        assert_eq!(resp.status, 502, "{method}: {}", resp.text());
+        assert!(!resp.detail().is_empty());
+        assert_eq!(
+            metric(&gw, "tollgate_upstream_requests_replayed_total").await,
+            0,
+            "{method}"
+        );
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 1, "{method}");
+        // The pool recovers: the next request gets a fresh connection.
+        assert_eq!(get_flows(&gw).await.status, 200, "{method}");
+    }
 }

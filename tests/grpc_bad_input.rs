@@ -201,6 +201,14 @@ async fn framing_a_unary_call_may_not_break_is_refused_with_the_grpc_code() {
         Some(Code::Unimplemented as i32),
         "{reply:?}"
     );
+    assert_eq!(
+        reply
+            .headers
+            .get("grpc-accept-encoding")
+            .and_then(|v| v.to_str().ok()),
+        Some("identity"),
+        "the refusal names what is accepted: {reply:?}"
+    );
     // No message at all, and two messages where one is expected.
     let reply = call(&gw, READ, &[], Vec::new()).await;
     assert_eq!(

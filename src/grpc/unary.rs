@@ -20,7 +20,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use prost::Message;
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::Status;
 
 use crate::gateway::Gateway;
@@ -140,9 +140,14 @@ where
     let answer = async {
         if let Some(encoding) = parts.headers.get("grpc-encoding") {
             if encoding.as_bytes() != b"identity" {
-                return Err(Status::unimplemented(format!(
+                let mut status = Status::unimplemented(format!(
                     "content is compressed with {encoding:?}, which this server does not accept"
-                )));
+                ));
+                status.metadata_mut().insert(
+                    "grpc-accept-encoding",
+                    MetadataValue::from_static("identity"),
+                );
+                return Err(status);
             }
         }
         let bytes = read_message(body, limit).await?;
@@ -166,40 +171,21 @@ async fn read_message(mut body: Body, limit: usize) -> Result<Bytes, Status> {
     let mut buf = BytesMut::new();
     let mut want: Option<usize> = None;
     loop {
-        if want.is_none() && buf.len() >= HEADER {
-            match buf[0] {
-                0 => {}
-                1 => {
-                    return Err(Status::internal(
-                        "protocol error: received message with compressed-flag but no \
-                         grpc-encoding was specified",
-                    ))
-                }
-                f => {
-                    return Err(Status::internal(format!(
-                        "protocol error: invalid compression flag {f} (valid flags are 0 and 1)"
-                    )))
-                }
+        if want.is_none() {
+            want = frame_length(&buf, limit)?;
+            if let Some(w) = want {
+                buf.reserve(w.saturating_sub(buf.len()));
             }
-            let len = (&buf[1..HEADER]).get_u32() as usize;
-            if len > limit {
-                return Err(Status::out_of_range(format!(
-                    "Error, decoded message length too large: found {len} bytes, the limit is: \
-                     {limit} bytes"
-                )));
-            }
-            want = Some(HEADER + len);
-            buf.reserve((HEADER + len).saturating_sub(buf.len()));
+        }
+        if want.is_some_and(|w| buf.len() > w) {
+            return Err(Status::internal(
+                "protocol error: more than one message in a unary call",
+            ));
         }
         match body.frame().await {
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     buf.extend_from_slice(&data);
-                }
-                if want.is_some_and(|w| buf.len() > w) {
-                    return Err(Status::internal(
-                        "protocol error: more than one message in a unary call",
-                    ));
                 }
             }
             Some(Err(e)) => {
@@ -222,6 +208,36 @@ async fn read_message(mut body: Body, limit: usize) -> Result<Bytes, Status> {
     }
 }
 
+/// The whole frame's length (header included) once its header is in `buf`; a header that
+/// announces a compressed or oversized message is refused before the message is read.
+fn frame_length(buf: &[u8], limit: usize) -> Result<Option<usize>, Status> {
+    if buf.len() < HEADER {
+        return Ok(None);
+    }
+    match buf[0] {
+        0 => {}
+        1 => {
+            return Err(Status::internal(
+                "protocol error: received message with compressed-flag but no grpc-encoding \
+                 was specified",
+            ))
+        }
+        f => {
+            return Err(Status::internal(format!(
+                "protocol error: invalid compression flag {f} (valid flags are 0 and 1)"
+            )))
+        }
+    }
+    let len = (&buf[1..HEADER]).get_u32() as usize;
+    if len > limit {
+        return Err(Status::out_of_range(format!(
+            "Error, decoded message length too large: found {len} bytes, the limit is: {limit} \
+             bytes"
+        )));
+    }
+    Ok(Some(HEADER + len))
+}
+
 fn respond<Resp: Message>(resp: tonic::Response<Resp>) -> Response {
     let (metadata, message, extensions) = resp.into_parts();
     let len = message.encoded_len();
@@ -232,7 +248,14 @@ fn respond<Resp: Message>(resp: tonic::Response<Resp>) -> Response {
         return Status::internal("the answer could not be encoded").into_http();
     }
     let mut headers = metadata.into_headers();
-    for reserved in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+    for reserved in [
+        "grpc-status",
+        "grpc-message",
+        "grpc-status-details-bin",
+        "grpc-message-type",
+        "te",
+        "content-length",
+    ] {
         headers.remove(reserved);
     }
     headers.insert(

@@ -208,11 +208,13 @@ impl Bucket {
     }
 }
 
-/// A request waiting for the batcher: its buckets, and where its outcomes go (`Err` when the
-/// call failed; the batcher has then marked the failure).
+/// A request waiting for the batcher: its buckets, where its outcomes go (`Err` when the call
+/// failed, the batcher having marked the failure, or when the request waited too long to be
+/// sent), and when it was queued.
 struct Job {
     buckets: Vec<Bucket>,
     reply: oneshot::Sender<Result<Vec<Outcome>, ()>>,
+    queued: Instant,
 }
 
 /// The Redis Cluster hash tag of a key: the text between the first `{` and the next `}` when
@@ -584,6 +586,7 @@ impl RedisLimiter {
         let job = Job {
             buckets: charges.iter().map(Bucket::of).collect(),
             reply,
+            queued: Instant::now(),
         };
         let answer = match self.jobs.send(job) {
             Ok(()) => answer.await.ok(),
@@ -597,7 +600,7 @@ impl RedisLimiter {
                 }
                 decision
             }
-            // The call failed: the batcher marked it.
+            // The call failed (the batcher marked it), or the request queued past its budget.
             Some(Err(())) => self.under_policy(charges),
             None => {
                 self.mark_failed("the Redis batcher is gone");
@@ -690,12 +693,21 @@ async fn batcher(limiter: Weak<RedisLimiter>, mut queue: mpsc::UnboundedReceiver
                 None => return,
             },
         };
+        let Some(limiter) = limiter.upgrade() else {
+            return;
+        };
+        // The timeout budget holds for a request's whole wait, not only for its call: one that
+        // queued longer than the budget (Redis slow, the call slots taken) goes to the failure
+        // policy instead of adding its call to the queue.
+        let now = Instant::now();
         let mut keys = 0;
         let mut batch = Vec::new();
         let mut next = Some(first);
         while let Some(job) = next.take() {
-            // A request whose caller went away (a dropped future) is not decided.
-            if !job.reply.is_closed() {
+            if now.saturating_duration_since(job.queued) > limiter.timeout {
+                let _ = job.reply.send(Err(()));
+            } else if !job.reply.is_closed() {
+                // (A request whose caller went away, a dropped future, is not decided.)
                 if !batch.is_empty() && keys + job.buckets.len() > BATCH_KEYS {
                     carried = Some(job);
                     break;
@@ -710,9 +722,6 @@ async fn batcher(limiter: Weak<RedisLimiter>, mut queue: mpsc::UnboundedReceiver
         if batch.is_empty() {
             continue;
         }
-        let Some(limiter) = limiter.upgrade() else {
-            return;
-        };
         tokio::spawn(async move {
             limiter.run_batch(batch).await;
             drop(slot);

@@ -498,6 +498,39 @@ mod limiter_api {
         t
     }
 
+    /// While Redis stalls (slow, not failed: its calls stay within the timeout), requests queue
+    /// for the two calls in flight only up to a bound; the rest go to the failure policy at
+    /// once instead of waiting without limit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_redis_queues_a_bounded_number_of_requests() {
+        let _heavy = heavy().await;
+        let redis = RedisServer::start();
+        let (limiter, _metrics) = limiter(vec![redis.url()], false).await;
+        let mut sleeper = redis.cli_spawn(&["DEBUG", "SLEEP", "1"]);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let requests = (0..2000)
+            .map(|_| {
+                vec![charge(
+                    uuid::Uuid::new_v4(),
+                    "api",
+                    Rate::new(1_000_000, Duration::from_secs(3600)),
+                )]
+            })
+            .collect();
+        let t = tally(&all_at_once(&limiter, requests).await);
+        tokio::task::block_in_place(|| sleeper.wait()).unwrap();
+        eprintln!("2000 requests while Redis slept 1 s (timeout 2 s): {t:?}");
+        assert_eq!(t.allowed + t.unavailable, 2000, "{t:?}");
+        assert!(
+            t.unavailable >= 1000,
+            "the queue did not bound the wait: {t:?}"
+        );
+        assert!(
+            t.allowed >= 500,
+            "Redis decided what queued once awake: {t:?}"
+        );
+    }
+
     /// The requests of one call see each other's commits: 200 at once on a bucket of burst
     /// 50 admit exactly 50 (a script reading the bucket once per call would admit one per
     /// call and so more than 50).

@@ -142,6 +142,9 @@ const BATCH_KEYS: usize = 512;
 /// where it counts: 25.6k req/s and 19.4 µs of gateway CPU a request against 26.4k and 17.8 µs.
 /// More than one also keeps a slow cluster node from holding up every other account.
 const CALLS_IN_FLIGHT: usize = 2;
+/// Requests that may wait for a call: eight full batches, so a request waits at most about four
+/// calls' time before its own. Past it, Redis is not keeping up, and the failure policy decides.
+const QUEUE_LIMIT: usize = 8 * BATCH_REQUESTS;
 
 #[derive(Clone)]
 enum Conn {
@@ -208,13 +211,11 @@ impl Bucket {
     }
 }
 
-/// A request waiting for the batcher: its buckets, where its outcomes go (`Err` when the call
-/// failed, the batcher having marked the failure, or when the request waited too long to be
-/// sent), and when it was queued.
+/// A request waiting for the batcher: its buckets, and where its outcomes go (`Err` when the
+/// call failed; the batcher has then marked the failure).
 struct Job {
     buckets: Vec<Bucket>,
     reply: oneshot::Sender<Result<Vec<Outcome>, ()>>,
-    queued: Instant,
 }
 
 /// The Redis Cluster hash tag of a key: the text between the first `{` and the next `}` when
@@ -261,7 +262,7 @@ pub struct RedisLimiter {
     replica: String,
     leases: AtomicU64,
     /// Requests for the batcher (see [`batcher`]).
-    jobs: mpsc::UnboundedSender<Job>,
+    jobs: mpsc::Sender<Job>,
     deny_cache: Mutex<HashMap<BucketKey, Known>>,
     degraded: AtomicBool,
     origin: Instant,
@@ -281,7 +282,7 @@ impl RedisLimiter {
             .iter()
             .map(|u| crate::config::resolve_secret(u))
             .collect::<Result<Vec<_>, _>>()?;
-        let (jobs, queue) = mpsc::unbounded_channel();
+        let (jobs, queue) = mpsc::channel(QUEUE_LIMIT);
         let limiter = Arc::new(RedisLimiter {
             conn: ArcSwapOption::empty(),
             connecting: AtomicBool::new(false),
@@ -586,11 +587,14 @@ impl RedisLimiter {
         let job = Job {
             buckets: charges.iter().map(Bucket::of).collect(),
             reply,
-            queued: Instant::now(),
         };
-        let answer = match self.jobs.send(job) {
+        let answer = match self.jobs.try_send(job) {
             Ok(()) => answer.await.ok(),
-            Err(_) => None,
+            // More waiting than the calls in flight can take at once: Redis is not keeping up
+            // (slow, though within its timeout), and the wait would grow without bound. The
+            // failure policy decides this one; the queue bounds every request's wait.
+            Err(mpsc::error::TrySendError::Full(_)) => Some(Err(())),
+            Err(mpsc::error::TrySendError::Closed(_)) => None,
         };
         match answer {
             Some(Ok(outcomes)) => {
@@ -600,7 +604,7 @@ impl RedisLimiter {
                 }
                 decision
             }
-            // The call failed (the batcher marked it), or the request queued past its budget.
+            // The call failed (the batcher marked it), or the queue was full.
             Some(Err(())) => self.under_policy(charges),
             None => {
                 self.mark_failed("the Redis batcher is gone");
@@ -679,7 +683,7 @@ impl RedisLimiter {
 /// requests and [`BATCH_KEYS`] buckets, and decides them in one script call. While
 /// [`CALLS_IN_FLIGHT`] calls are out, requests queue, so the busier the gateway, the larger the
 /// batches. Ends with the limiter (its queue closes).
-async fn batcher(limiter: Weak<RedisLimiter>, mut queue: mpsc::UnboundedReceiver<Job>) {
+async fn batcher(limiter: Weak<RedisLimiter>, mut queue: mpsc::Receiver<Job>) {
     let slots = Arc::new(Semaphore::new(CALLS_IN_FLIGHT));
     let mut carried: Option<Job> = None;
     loop {
@@ -693,21 +697,12 @@ async fn batcher(limiter: Weak<RedisLimiter>, mut queue: mpsc::UnboundedReceiver
                 None => return,
             },
         };
-        let Some(limiter) = limiter.upgrade() else {
-            return;
-        };
-        // The timeout budget holds for a request's whole wait, not only for its call: one that
-        // queued longer than the budget (Redis slow, the call slots taken) goes to the failure
-        // policy instead of adding its call to the queue.
-        let now = Instant::now();
         let mut keys = 0;
         let mut batch = Vec::new();
         let mut next = Some(first);
         while let Some(job) = next.take() {
-            if now.saturating_duration_since(job.queued) > limiter.timeout {
-                let _ = job.reply.send(Err(()));
-            } else if !job.reply.is_closed() {
-                // (A request whose caller went away, a dropped future, is not decided.)
+            // A request whose caller went away (a dropped future) is not decided.
+            if !job.reply.is_closed() {
                 if !batch.is_empty() && keys + job.buckets.len() > BATCH_KEYS {
                     carried = Some(job);
                     break;
@@ -722,6 +717,9 @@ async fn batcher(limiter: Weak<RedisLimiter>, mut queue: mpsc::UnboundedReceiver
         if batch.is_empty() {
             continue;
         }
+        let Some(limiter) = limiter.upgrade() else {
+            return;
+        };
         tokio::spawn(async move {
             limiter.run_batch(batch).await;
             drop(slot);

@@ -697,6 +697,13 @@ fn machine() -> String {
     format!("{cores} cores ({cpu}), Linux")
 }
 
+/// The `i`-th command-line argument, parsed; a missing or malformed one stops with `usage`.
+fn arg<T: std::str::FromStr>(args: &[String], i: usize, usage: &str) -> T {
+    args.get(i)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("usage: {usage}"))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -705,19 +712,13 @@ fn main() {
         .build()
         .expect("runtime");
     if args.get(1).map(String::as_str) == Some("upstream") {
-        let port = args
-            .get(2)
-            .and_then(|p| p.parse().ok())
-            .expect("bench upstream PORT");
+        let port = arg(&args, 2, "bench upstream PORT");
         rt.block_on(upstream(port));
         return;
     }
     if args.get(1).map(String::as_str) == Some("grpc-load") {
         // `bench grpc-load ADDR SECONDS`: the gRPC client alone, for profiling the gateway.
-        let addr = args
-            .get(2)
-            .and_then(|a| a.parse().ok())
-            .expect("bench grpc-load ADDR SECONDS");
+        let addr = arg(&args, 2, "bench grpc-load ADDR SECONDS");
         let secs = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(5.0);
         let s = rt.block_on(grpc_load(addr, 32, secs));
         println!("{:.0} calls/s, {} errors", s.rps(), s.errors);
@@ -725,10 +726,7 @@ fn main() {
     }
     if args.get(1).map(String::as_str) == Some("http-load") {
         // `bench http-load ADDR PATH SECONDS [--key]`: the HTTP client alone, for profiling.
-        let addr = args
-            .get(2)
-            .and_then(|a| a.parse().ok())
-            .expect("bench http-load ADDR PATH SECONDS [--key]");
+        let addr = arg(&args, 2, "bench http-load ADDR PATH SECONDS [--key]");
         let target = Target {
             addr,
             path: args.get(3).cloned().unwrap_or_else(|| "/".into()),

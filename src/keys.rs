@@ -3,7 +3,7 @@
 //! `credential` is the one place that reads a key from a request's headers; the websocket bridge
 //! feeds the token of a first `auth` message to the same `KeyStore::verify`.
 
-use std::collections::HashMap;
+use crate::FastMap;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -80,13 +80,13 @@ impl ApiKey {
 /// The keys of the config, looked up by hash.
 #[derive(Debug, Default)]
 pub struct KeyStore {
-    by_hash: HashMap<[u8; 32], Arc<ApiKey>>,
+    by_hash: FastMap<[u8; 32], Arc<ApiKey>>,
 }
 
 impl KeyStore {
     /// Builds from a config that `Config::problems` found clean.
     pub fn from_config(keys: &[KeyConfig]) -> Result<KeyStore, String> {
-        let mut by_hash = HashMap::new();
+        let mut by_hash = FastMap::default();
         for k in keys {
             let hash = parse_hash(&crate::config::resolve_secret(&k.hash)?)?;
             let workspaces = match &k.workspaces {

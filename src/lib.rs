@@ -28,5 +28,9 @@ pub mod upstream;
 pub mod websocket;
 
 pub use axum::body::Body;
+
+/// The maps looked up on every request (tenancy, keys, limiter buckets): foldhash, randomly
+/// seeded, instead of SipHash, which was 4% of a proxied request's instructions.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub type Request = http::Request<Body>;
 pub type Response = http::Response<Body>;

@@ -33,8 +33,14 @@ fn parse_id(s: &str) -> Result<Uuid, GatewayError> {
 
 /// Refuses a `.` or `..` segment, or an encoded slash, backslash or NUL, in any spelling.
 pub fn check_segments(rest: &str) -> Result<(), GatewayError> {
+    // The common case: nothing encoded, so each segment is what it says (no decoding pass).
+    let encoded = rest.contains('%');
     for seg in rest.split('/') {
-        let decoded = percent_decode_str(seg).decode_utf8_lossy();
+        let decoded = if encoded {
+            percent_decode_str(seg).decode_utf8_lossy()
+        } else {
+            std::borrow::Cow::Borrowed(seg)
+        };
         if decoded == "." || decoded == ".." {
             return Err(GatewayError::BadRequest(
                 "a path segment may not be \".\" or \"..\"".into(),

@@ -1,7 +1,7 @@
 //! Tenancy: accounts, their plans and workspaces, and the upstream Prefect server of each
 //! workspace. Built once from a checked config; looked up on every request.
 
-use std::collections::HashMap;
+use crate::FastMap;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -118,12 +118,12 @@ pub struct Workspace {
 /// Every account and workspace, by id and by handle.
 #[derive(Debug, Default)]
 pub struct Tenants {
-    accounts: HashMap<Uuid, Arc<Account>>,
-    workspaces: HashMap<Uuid, Arc<Workspace>>,
-    by_handle: HashMap<(String, String), Uuid>,
+    accounts: FastMap<Uuid, Arc<Account>>,
+    workspaces: FastMap<Uuid, Arc<Workspace>>,
+    by_handle: FastMap<(String, String), Uuid>,
     /// Each account's workspaces by handle: a gRPC call without `x-prefect-workspace` and
     /// `GET /api/me/workspaces` look here instead of scanning every tenant's workspaces.
-    by_account: HashMap<Uuid, Vec<Arc<Workspace>>>,
+    by_account: FastMap<Uuid, Vec<Arc<Workspace>>>,
 }
 
 impl Tenants {

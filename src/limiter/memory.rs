@@ -2,25 +2,25 @@
 //! Redis backend when Redis fails). Memory stays bounded: a bucket whose TAT has passed is full,
 //! the same as absent, so sweeps drop it.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::gcra::{self, Nanos};
 use super::{combine, commits, BoxFuture, BucketKey, Charge, Decision, Lease, Limiter, Slot};
+use crate::FastMap;
 
 const SHARDS: usize = 32;
 /// One shard is swept every this many checks, so eviction costs O(1) amortised.
 const SWEEP_EVERY: u64 = 256;
 
 pub struct MemoryLimiter {
-    shards: Vec<Mutex<HashMap<BucketKey, Nanos>>>,
+    shards: Vec<Mutex<FastMap<BucketKey, Nanos>>>,
     origin: Instant,
     /// Each limit is multiplied by this (1.0, or the `local_share` of a Redis fallback).
     share: f64,
     checks: AtomicU64,
-    in_flight: Mutex<HashMap<BucketKey, u32>>,
+    in_flight: Mutex<FastMap<BucketKey, u32>>,
 }
 
 impl Default for MemoryLimiter {
@@ -32,11 +32,13 @@ impl Default for MemoryLimiter {
 impl MemoryLimiter {
     pub fn new(share: f64) -> MemoryLimiter {
         MemoryLimiter {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(FastMap::default()))
+                .collect(),
             origin: Instant::now(),
             share,
             checks: AtomicU64::new(0),
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(FastMap::default()),
         }
     }
 
@@ -46,9 +48,8 @@ impl MemoryLimiter {
     }
 
     fn shard_of(key: &BucketKey) -> usize {
-        use std::hash::{BuildHasher, BuildHasherDefault};
-        let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-            .hash_one(key);
+        use std::hash::BuildHasher;
+        let h = foldhash::fast::FixedState::default().hash_one(key);
         (h as usize) % SHARDS
     }
 
@@ -100,7 +101,7 @@ impl MemoryLimiter {
             o.dedup();
             o
         };
-        let mut guards: Vec<(usize, std::sync::MutexGuard<'_, HashMap<BucketKey, Nanos>>)> =
+        let mut guards: Vec<(usize, std::sync::MutexGuard<'_, FastMap<BucketKey, Nanos>>)> =
             Vec::with_capacity(order.len());
         for s in order {
             let g = match self.shards[s].lock() {

@@ -18,7 +18,6 @@
 //! in-memory GCRA at a share of each limit; `allow`; `deny`) with a warning and a metric when it
 //! takes over, and automatic recovery (a probe every 200 ms while Redis is down).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -36,6 +35,7 @@ use super::{
 };
 use crate::config::{FailurePolicy, LimiterConfig, Rate};
 use crate::metrics::Metrics;
+use crate::FastMap;
 
 /// One call decides a batch of requests. KEYS: the buckets of every request, request after
 /// request. ARGV: the number of requests R, then the bucket count of each request, then per
@@ -263,7 +263,7 @@ pub struct RedisLimiter {
     leases: AtomicU64,
     /// Requests for the batcher (see [`batcher`]).
     jobs: mpsc::Sender<Job>,
-    deny_cache: Mutex<HashMap<BucketKey, Known>>,
+    deny_cache: Mutex<FastMap<BucketKey, Known>>,
     degraded: AtomicBool,
     origin: Instant,
     next_probe: AtomicU64,
@@ -297,7 +297,7 @@ impl RedisLimiter {
             replica: uuid::Uuid::new_v4().simple().to_string(),
             leases: AtomicU64::new(0),
             jobs,
-            deny_cache: Mutex::new(HashMap::new()),
+            deny_cache: Mutex::new(FastMap::default()),
             degraded: AtomicBool::new(false),
             origin: Instant::now(),
             next_probe: AtomicU64::new(0),

@@ -1,33 +1,32 @@
 //! The upstream connection pool: HTTP/1.1 keep-alive connections to each Prefect server, kept
-//! per host and reused most-recently-idle first.
+//! per host and reused most-recently-idle first. The exchange itself is `h1`.
 //!
 //! A connection goes back to the pool when the response body it carried has been read to its
 //! end, not when the head arrives: until then it is busy, and nothing waits on it. (A generic
-//! client pool watches each connection with a task of its own; this one costs a lock and a
-//! push.) A request that could not be written because its pooled connection had just closed is
-//! sent again on another; a bodiless safe request (GET, HEAD) on a connection idle for a while is
-//! also sent again if that connection turns out to have been closed by the upstream's
-//! keep-alive timeout before it answered (uvicorn closes idle connections after 5 s). Every
-//! other failure is the caller's 502.
+//! client gives each connection a task of its own; here an idle connection is a socket in a
+//! list, and taking one costs a lock and a pop.) An idle connection the upstream has closed is
+//! seen as such when taken, from the socket's readiness, and dropped. A request that could not
+//! be written at all is sent again on another connection; a bodiless safe request (GET, HEAD)
+//! on a connection idle for a while is also sent again if that connection turns out to have
+//! been closed by the upstream's keep-alive timeout before it answered (uvicorn closes idle
+//! connections after 5 s). Every other failure is the caller's 502.
 
-use std::collections::HashMap;
+mod h1;
+
 use std::fmt;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Uri};
 use http::{Method, Request, Response};
-use http_body::{Body as _, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use http_body::Body as _;
 use tokio::net::TcpStream;
 
-use crate::Body;
+use crate::{Body, FastMap};
+use h1::Conn;
+pub use h1::ExchangeError;
 
 /// Idle connections kept per upstream host.
 const MAX_IDLE_PER_HOST: usize = 256;
@@ -52,9 +51,9 @@ pub enum UpstreamError {
         authority: String,
         after: Duration,
     },
-    /// The exchange on an open connection failed (refused, reset, malformed answer, or the
-    /// request body failed: see `source`).
-    Exchange(hyper::Error),
+    /// The exchange on an open connection failed (reset, malformed answer, or the request
+    /// body failed: see `source`).
+    Exchange(ExchangeError),
 }
 
 impl fmt::Display for UpstreamError {
@@ -67,10 +66,7 @@ impl fmt::Display for UpstreamError {
             UpstreamError::ConnectTimeout { authority, after } => {
                 write!(f, "connecting to {authority} timed out after {after:?}")
             }
-            UpstreamError::Exchange(e) => match std::error::Error::source(e) {
-                Some(cause) => write!(f, "{e}: {cause}"),
-                None => write!(f, "{e}"),
-            },
+            UpstreamError::Exchange(e) => write!(f, "{e}"),
         }
     }
 }
@@ -85,60 +81,44 @@ impl std::error::Error for UpstreamError {
     }
 }
 
-struct Idle {
-    send: SendRequest<Body>,
-    since: Instant,
-}
-
 /// The pool of one upstream host.
 struct Host {
     authority: Authority,
     /// `Host` for requests that carry none (the proxy removes the client's).
     host_header: HeaderValue,
-    idle: Mutex<Vec<Idle>>,
+    idle: Mutex<Vec<Conn>>,
 }
 
 impl Host {
-    /// A ready idle connection, most recently used first. Closed and expired ones are dropped;
-    /// one still finishing its last exchange stays for later.
-    fn checkout(&self, now: Instant) -> Option<Idle> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let mut i = idle.len();
-        while i > 0 {
-            i -= 1;
-            let c = &idle[i];
-            if c.send.is_closed() || now.saturating_duration_since(c.since) > IDLE_TIMEOUT {
-                idle.remove(i);
-            } else if c.send.is_ready() {
-                return Some(idle.remove(i));
+    /// A usable idle connection, most recently used first. Closed and expired ones are
+    /// dropped (closed outside the lock).
+    fn checkout(&self, now: Instant) -> Option<Conn> {
+        loop {
+            let mut conn = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+            if now.saturating_duration_since(conn.since) <= IDLE_TIMEOUT && conn.is_usable() {
+                return Some(conn);
             }
         }
-        None
     }
 
-    fn put_back(&self, send: SendRequest<Body>) {
-        if send.is_closed() {
-            return;
-        }
+    fn put_back(&self, conn: Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE_PER_HOST {
-            idle.push(Idle {
-                send,
-                since: Instant::now(),
-            });
+            idle.push(conn);
         }
     }
 
     fn sweep(&self, now: Instant) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|c| {
-            !c.send.is_closed() && now.saturating_duration_since(c.since) <= IDLE_TIMEOUT
+        idle.retain_mut(|c| {
+            now.saturating_duration_since(c.since) <= IDLE_TIMEOUT && c.is_usable()
         });
     }
 }
 
 struct Inner {
-    hosts: Mutex<HashMap<Authority, Arc<Host>>>,
+    /// By authority as configured (a case-insensitive `Authority` hash was 2% of a request).
+    hosts: Mutex<FastMap<Box<str>, Arc<Host>>>,
     connect_timeout: Duration,
     opened: AtomicU64,
     reused: AtomicU64,
@@ -162,7 +142,7 @@ pub struct PoolStats {
 impl UpstreamClient {
     pub fn new(connect_timeout: Duration) -> UpstreamClient {
         let inner = Arc::new(Inner {
-            hosts: Mutex::new(HashMap::new()),
+            hosts: Mutex::new(FastMap::default()),
             connect_timeout,
             opened: AtomicU64::new(0),
             reused: AtomicU64::new(0),
@@ -195,7 +175,7 @@ impl UpstreamClient {
 
     fn host(&self, authority: &Authority) -> Result<Arc<Host>, UpstreamError> {
         let mut hosts = self.inner.hosts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(h) = hosts.get(authority) {
+        if let Some(h) = hosts.get(authority.as_str()) {
             return Ok(h.clone());
         }
         let host_header =
@@ -205,7 +185,7 @@ impl UpstreamClient {
             host_header,
             idle: Mutex::new(Vec::new()),
         });
-        hosts.insert(authority.clone(), h.clone());
+        hosts.insert(authority.as_str().into(), h.clone());
         Ok(h)
     }
 
@@ -241,23 +221,26 @@ impl UpstreamClient {
         }
 
         let now = Instant::now();
-        while let Some(mut conn) = host.checkout(now) {
+        while let Some(conn) = host.checkout(now) {
             self.inner.reused.fetch_add(1, Ordering::Relaxed);
             let replay = (now.saturating_duration_since(conn.since) > REPLAY_AFTER_IDLE)
                 .then(|| replayable(&req))
                 .flatten();
-            match conn.send.try_send_request(req).await {
-                Ok(resp) => return Ok(pooled(resp, host, conn.send)),
-                Err(mut e) => match (e.take_message(), replay) {
-                    // Not written: the connection closed as it was taken. Try the next.
-                    (Some(unsent), _) => req = unsent,
-                    // Written, but the connection was gone before any answer: the upstream
-                    // closed it idle. Safe to send again, on a fresh connection.
-                    (None, Some(copy)) if is_closed_before_answer(e.error()) => {
+            match h1::exchange(conn, req, &host).await {
+                Ok(resp) => return Ok(resp),
+                // Not a byte written: the connection closed as it was taken. Try the next.
+                Err(h1::Failed {
+                    unsent: Some(unsent),
+                    ..
+                }) => req = unsent,
+                // Written, but the connection was gone before any answer: the upstream
+                // closed it idle. Safe to send again, on a fresh connection.
+                Err(failed) => match replay {
+                    Some(copy) if failed.error.closed_before_answer() => {
                         self.inner.replayed.fetch_add(1, Ordering::Relaxed);
                         return Box::pin(self.fresh(&host, copy)).await;
                     }
-                    (None, _) => return Err(UpstreamError::Exchange(e.into_error())),
+                    _ => return Err(UpstreamError::Exchange(failed.error)),
                 },
             }
         }
@@ -271,29 +254,19 @@ impl UpstreamClient {
         req: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
         // Boxed: a connect is rare, and its future is large.
-        let mut send = Box::pin(self.connect(&host.authority)).await?;
-        match send.send_request(req).await {
-            Ok(resp) => Ok(pooled(resp, host.clone(), send)),
-            Err(e) => Err(UpstreamError::Exchange(e)),
-        }
+        let conn = Box::pin(self.connect(&host.authority)).await?;
+        h1::exchange(conn, req, host)
+            .await
+            .map_err(|failed| UpstreamError::Exchange(failed.error))
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<SendRequest<Body>, UpstreamError> {
+    async fn connect(&self, authority: &Authority) -> Result<Conn, UpstreamError> {
         let tcp = self.dial(authority).await?;
         let _ = tcp.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
         let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
-        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(UpstreamError::Exchange)?;
         self.inner.opened.fetch_add(1, Ordering::Relaxed);
-        let authority = authority.to_string();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(upstream = %authority, error = %e, "upstream connection ended");
-            }
-        });
-        Ok(send)
+        Ok(Conn::new(tcp))
     }
 }
 
@@ -378,79 +351,4 @@ fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
     *copy.headers_mut() = req.headers().clone();
     *copy.version_mut() = req.version();
     Some(copy)
-}
-
-/// The connection ended after the request was written and before any of the answer came.
-fn is_closed_before_answer(e: &hyper::Error) -> bool {
-    e.is_incomplete_message() || e.is_canceled() || e.is_closed() || is_reset(e)
-}
-
-fn is_reset(e: &hyper::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-            );
-        }
-        cur = err.source();
-    }
-    false
-}
-
-fn pooled(resp: Response<Incoming>, host: Arc<Host>, send: SendRequest<Body>) -> Response<Body> {
-    let (parts, body) = resp.into_parts();
-    let mut body = PooledBody {
-        inner: body,
-        conn: Some((host, send)),
-    };
-    if body.inner.is_end_stream() {
-        body.release();
-    }
-    Response::from_parts(parts, Body::new(body))
-}
-
-/// A response body that gives its connection back to the pool when it has been read through.
-/// Dropped before its end, it takes the connection with it (an HTTP/1.1 connection cannot be
-/// reused in the middle of a body).
-struct PooledBody {
-    inner: Incoming,
-    conn: Option<(Arc<Host>, SendRequest<Body>)>,
-}
-
-impl PooledBody {
-    fn release(&mut self) {
-        if let Some((host, send)) = self.conn.take() {
-            host.put_back(send);
-        }
-    }
-}
-
-impl http_body::Body for PooledBody {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
-            Poll::Ready(Some(Err(_))) => this.conn = None,
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }

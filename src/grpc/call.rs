@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde_json::Value;
@@ -14,7 +14,7 @@ use tonic::Status;
 
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
-use crate::grpc::{status, CallContext};
+use crate::grpc::{names, status, CallContext};
 use crate::layers::{ratelimit, ClientAddr, Principal, Target};
 use crate::limiter::Decision;
 use crate::policy::Usage;
@@ -25,14 +25,14 @@ use crate::{proxy, Body};
 const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 
 /// Metadata that describes the gRPC exchange itself, not the REST call made for it.
-const GRPC_ONLY: [&str; 7] = [
-    "content-type",
-    "content-length",
-    "grpc-timeout",
-    "grpc-encoding",
-    "grpc-accept-encoding",
-    "x-prefect-workspace",
-    "te",
+const GRPC_ONLY: [HeaderName; 7] = [
+    header::CONTENT_TYPE,
+    header::CONTENT_LENGTH,
+    names::GRPC_TIMEOUT,
+    names::GRPC_ENCODING,
+    names::GRPC_ACCEPT_ENCODING,
+    names::X_PREFECT_WORKSPACE,
+    header::TE,
 ];
 
 #[derive(Clone)]

@@ -21,6 +21,20 @@ pub mod transcode;
 pub mod unary;
 pub mod work_pools;
 
+/// The gRPC header names the hot path looks up, parsed once (a `&str` name is parsed and
+/// checked on every lookup).
+pub mod names {
+    use http::header::HeaderName;
+    pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+    pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+    pub const GRPC_STATUS_DETAILS: HeaderName = HeaderName::from_static("grpc-status-details-bin");
+    pub const GRPC_MESSAGE_TYPE: HeaderName = HeaderName::from_static("grpc-message-type");
+    pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+    pub const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+    pub const GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
+    pub const X_PREFECT_WORKSPACE: HeaderName = HeaderName::from_static("x-prefect-workspace");
+}
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -197,7 +211,7 @@ impl Front {
         let protocol = Protocol::of(&req);
         let deadline = match req
             .headers()
-            .get("grpc-timeout")
+            .get(&names::GRPC_TIMEOUT)
             .map(|v| parse_timeout(v.as_bytes()))
         {
             None => None,

@@ -28,10 +28,10 @@ use crate::grpc::deployments::DeploymentsService;
 use crate::grpc::flow_runs::FlowRunsService;
 use crate::grpc::flows::FlowsService;
 use crate::grpc::logs::LogsService;
-use crate::grpc::pb;
 use crate::grpc::rest::RestService;
 use crate::grpc::task_runs::TaskRunsService;
 use crate::grpc::work_pools::WorkPoolsService;
+use crate::grpc::{names, pb};
 use crate::{Body, Request, Response};
 
 const HEADER: usize = 5;
@@ -138,7 +138,7 @@ where
 {
     let (parts, body) = req.into_parts();
     let answer = async {
-        if let Some(encoding) = parts.headers.get("grpc-encoding") {
+        if let Some(encoding) = parts.headers.get(&names::GRPC_ENCODING) {
             if encoding.as_bytes() != b"identity" {
                 let mut status = Status::unimplemented(format!(
                     "content is compressed with {encoding:?}, which this server does not accept"
@@ -249,12 +249,12 @@ fn respond<Resp: Message>(resp: tonic::Response<Resp>) -> Response {
     }
     let mut headers = metadata.into_headers();
     for reserved in [
-        "grpc-status",
-        "grpc-message",
-        "grpc-status-details-bin",
-        "grpc-message-type",
-        "te",
-        "content-length",
+        names::GRPC_STATUS,
+        names::GRPC_MESSAGE,
+        names::GRPC_STATUS_DETAILS,
+        names::GRPC_MESSAGE_TYPE,
+        header::TE,
+        header::CONTENT_LENGTH,
     ] {
         headers.remove(reserved);
     }
@@ -263,7 +263,7 @@ fn respond<Resp: Message>(resp: tonic::Response<Resp>) -> Response {
         HeaderValue::from_static("application/grpc"),
     );
     let mut trailers = HeaderMap::with_capacity(1);
-    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    trailers.insert(names::GRPC_STATUS, HeaderValue::from_static("0"));
     let mut out = Response::new(Body::new(OneMessage {
         data: Some(buf.freeze()),
         trailers: Some(trailers),

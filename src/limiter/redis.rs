@@ -46,7 +46,8 @@ use crate::FastMap;
 /// a bucket is read once (`GET`) and then followed in `tat`. Each changed bucket is written
 /// once, at the end, with its final TAT.
 /// Returns, per request: its commit flag, then per bucket: allowed, remaining, retry_after (µs),
-/// reset (µs).
+/// reset (µs); as one comma-separated string, not an array: redis-rs's parser spent 7% of a
+/// request's instructions on an array of a batch's integers, splitting a string costs little.
 const GCRA_SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -112,7 +113,8 @@ for _, key in ipairs(dirty) do
   local v = tat[key]
   redis.call('SET', key, string.format('%.0f', v), 'PX', math.ceil((v - now) / 1000) + 1)
 end
-return out
+for i = 1, #out do out[i] = string.format('%.0f', out[i]) end
+return table.concat(out, ',')
 "#;
 
 /// KEYS[1]: the account's lease set. ARGV: limit, ttl (ms), lease id.
@@ -477,10 +479,15 @@ impl RedisLimiter {
                 .arg(b.cost)
                 .arg(u8::from(b.shadow));
         }
-        let reply: Vec<i64> = tokio::time::timeout(self.timeout, conn.eval(&self.gcra, &cmd))
+        let text: String = tokio::time::timeout(self.timeout, conn.eval(&self.gcra, &cmd))
             .await
             .map_err(|_| format!("no answer within {:?}", self.timeout))?
             .map_err(|e| e.to_string())?;
+        let reply = text
+            .split(',')
+            .map(str::parse::<i64>)
+            .collect::<Result<Vec<i64>, _>>()
+            .map_err(|e| format!("unexpected script reply {text:?}: {e}"))?;
         if reply.len() != jobs.len() + 4 * keys {
             return Err(format!(
                 "unexpected script reply of {} values for {} requests of {keys} buckets",

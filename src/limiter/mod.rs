@@ -62,42 +62,68 @@ impl Report {
         if self.0.iter().all(|b| b.shadow) {
             return;
         }
-        // On every allowed response: written by hand into buffers the header values then own
-        // (no formatting machinery, no copy).
-        let mut policy = String::with_capacity(48);
-        let mut limit = String::with_capacity(48);
         // Shadow limits are for the operator: clients are not told of them.
-        for (i, b) in self.0.iter().filter(|b| !b.shadow).enumerate() {
+        let told = || self.0.iter().filter(|b| !b.shadow);
+        // The state, on every allowed response: written by hand into a buffer the header value
+        // then owns (no formatting machinery, no copy).
+        let mut limit = String::with_capacity(48);
+        for (i, b) in told().enumerate() {
             if i > 0 {
-                policy.push_str(", ");
                 limit.push_str(", ");
             }
-            for (out, key, value, tail, last) in [
-                (
-                    &mut policy,
+            push_item(
+                &mut limit,
+                &b.name,
+                ";r=",
+                b.remaining,
+                ";t=",
+                ceil_secs(b.reset),
+            );
+        }
+        // The policy repeats from request to request: the last one this thread wrote is kept
+        // with the limits it described, and reused while they are the same.
+        let policy = LAST_POLICY.with(|last| {
+            let mut last = last.borrow_mut();
+            if let Some((limits, value)) = last.as_ref() {
+                let same = limits.len() == told().count()
+                    && limits.iter().zip(told()).all(|((name, count, window), b)| {
+                        **name == *b.name
+                            && *count == b.rate.count
+                            && *window == b.rate.window_secs()
+                    });
+                if same {
+                    return Some(value.clone());
+                }
+            }
+            let mut text = String::with_capacity(48);
+            for (i, b) in told().enumerate() {
+                if i > 0 {
+                    text.push_str(", ");
+                }
+                push_item(
+                    &mut text,
+                    &b.name,
                     ";q=",
                     b.rate.count,
                     ";w=",
                     b.rate.window_secs(),
-                ),
-                (&mut limit, ";r=", b.remaining, ";t=", ceil_secs(b.reset)),
-            ] {
-                out.push('"');
-                out.push_str(&b.name);
-                out.push('"');
-                out.push_str(key);
-                push_decimal(out, value);
-                out.push_str(tail);
-                push_decimal(out, last);
+                );
             }
+            let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()?;
+            let limits = told()
+                .map(|b| (b.name.clone(), b.rate.count, b.rate.window_secs()))
+                .collect();
+            *last = Some((limits, value.clone()));
+            Some(value)
+        });
+        if let Some(v) = policy {
+            headers.insert(RATELIMIT_POLICY, v);
         }
-        // The policy repeats (h2 indexes it); the state changes with every request, so h2
-        // sends it as a literal rather than churn the connection's header table.
-        for (name, text, changes) in [(RATELIMIT_POLICY, policy, false), (RATELIMIT, limit, true)] {
-            if let Ok(mut v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(text)) {
-                v.set_sensitive(changes);
-                headers.insert(name, v);
-            }
+        // The state changes with every request, so h2 sends it as a literal rather than churn
+        // the connection's header table (the policy, unchanged, is indexed).
+        if let Ok(mut v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(limit)) {
+            v.set_sensitive(true);
+            headers.insert(RATELIMIT, v);
         }
     }
 
@@ -110,6 +136,24 @@ impl Report {
 const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 
+/// A policy's (limits, header value), per thread.
+type CachedPolicy = Option<(Vec<(Arc<str>, u64, u64)>, HeaderValue)>;
+
+thread_local! {
+    static LAST_POLICY: std::cell::RefCell<CachedPolicy> = const { std::cell::RefCell::new(None) };
+}
+
+/// `"name";k1=v1;k2=v2`, one item of a structured-field list.
+fn push_item(out: &mut String, name: &str, k1: &str, v1: u64, k2: &str, v2: u64) {
+    out.push('"');
+    out.push_str(name);
+    out.push('"');
+    out.push_str(k1);
+    push_decimal(out, v1);
+    out.push_str(k2);
+    push_decimal(out, v2);
+}
+
 fn push_decimal(out: &mut String, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
@@ -121,7 +165,7 @@ fn push_decimal(out: &mut String, mut n: u64) {
             break;
         }
     }
-    digits[i..].iter().for_each(|d| out.push(char::from(*d)));
+    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or("0"));
 }
 
 /// Whole seconds, rounded up: a client that waits this long is never early.
@@ -282,5 +326,55 @@ mod decimal_tests {
             push_decimal(&mut s, n);
             assert_eq!(s, format!("x{n}"));
         }
+    }
+
+    fn report(buckets: &[(&str, u64, bool)]) -> Report {
+        Report(
+            buckets
+                .iter()
+                .map(|&(name, count, shadow)| BucketState {
+                    name: name.into(),
+                    rate: Rate::new(count, Duration::from_secs(60)),
+                    remaining: count - 1,
+                    reset: Duration::from_millis(1500),
+                    shadow,
+                    denied: false,
+                })
+                .collect(),
+        )
+    }
+
+    fn policy_of(r: &Report) -> String {
+        let mut h = HeaderMap::new();
+        r.write_headers(&mut h);
+        h["ratelimit-policy"].to_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn the_reused_policy_header_follows_the_limits_it_describes() {
+        // One thread, so each call may reuse the last policy it wrote.
+        let api = report(&[("api", 10, false)]);
+        assert_eq!(policy_of(&api), r#""api";q=10;w=60"#);
+        assert_eq!(policy_of(&api), r#""api";q=10;w=60"#);
+        assert_eq!(
+            policy_of(&report(&[("api", 20, false)])),
+            r#""api";q=20;w=60"#
+        );
+        assert_eq!(
+            policy_of(&report(&[("logs", 20, false)])),
+            r#""logs";q=20;w=60"#
+        );
+        assert_eq!(
+            policy_of(&report(&[("api", 20, false), ("key", 5, false)])),
+            r#""api";q=20;w=60, "key";q=5;w=60"#
+        );
+        // A shadow limit is never told, and does not change what is.
+        assert_eq!(
+            policy_of(&report(&[("api", 20, false), ("trial", 5, true)])),
+            r#""api";q=20;w=60"#
+        );
+        let mut h = HeaderMap::new();
+        api.write_headers(&mut h);
+        assert_eq!(h["ratelimit"], r#""api";r=9;t=2"#);
     }
 }

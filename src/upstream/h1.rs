@@ -456,7 +456,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Parsed, ExchangeError> {
         })
         .collect();
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for what the gateway adds to an answer (request id, RateLimit): no regrowth.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 6);
     for [n, nl, v, vl] in spans {
         let name = HeaderName::from_bytes(&head[n..n + nl])
             .map_err(|_| ExchangeError::new(Kind::Malformed("bad header name")))?;

@@ -725,8 +725,13 @@ fn main() {
         return;
     }
     if args.get(1).map(String::as_str) == Some("http-load") {
-        // `bench http-load ADDR PATH SECONDS [--key]`: the HTTP client alone, for profiling.
-        let addr = arg(&args, 2, "bench http-load ADDR PATH SECONDS [--key]");
+        // `bench http-load ADDR PATH SECONDS [--key] [--rate R]`: the HTTP client alone, for
+        // profiling; with --rate, 16 connections at R req/s and their latency percentiles.
+        let addr = arg(
+            &args,
+            2,
+            "bench http-load ADDR PATH SECONDS [--key] [--rate R]",
+        );
         let target = Target {
             addr,
             path: args.get(3).cloned().unwrap_or_else(|| "/".into()),
@@ -734,8 +739,27 @@ fn main() {
             grpc: false,
         };
         let secs = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(5.0);
-        let s = rt.block_on(load(&target, 32, secs, None));
-        println!("{:.0} req/s, {} errors", s.rps(), s.errors);
+        let rate = args
+            .iter()
+            .position(|a| a == "--rate")
+            .map(|i| arg::<f64>(&args, i + 1, "--rate R"));
+        let s = rt.block_on(load(
+            &target,
+            if rate.is_some() { 16 } else { 32 },
+            secs,
+            rate,
+        ));
+        if rate.is_some() {
+            println!(
+                "p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, {} errors",
+                s.percentile(0.5),
+                s.percentile(0.99),
+                s.percentile(0.999),
+                s.errors
+            );
+        } else {
+            println!("{:.0} req/s, {} errors", s.rps(), s.errors);
+        }
         return;
     }
     let o = opts();
@@ -949,20 +973,34 @@ async fn run(o: &Opts, machine: &str) -> String {
         .map(|r| median(r.rps.clone()))
         .fold(f64::INFINITY, f64::min);
     let fixed = (slowest * 0.2).max(200.0);
-    let mut latency = Vec::new();
-    for (name, _, target) in &cases {
-        if name.contains("no limiter") || target.grpc {
-            continue;
+    // Like the throughput runs: the cases alternate, each run once per round, and each
+    // percentile is the median of the rounds (one run's p99 on a shared machine is noise).
+    let timed: Vec<_> = cases
+        .iter()
+        .filter(|(name, _, target)| !name.contains("no limiter") && !target.grpc)
+        .collect();
+    let mut rounds: Vec<Vec<Stats>> = timed.iter().map(|_| Vec::new()).collect();
+    for run in 0..o.runs {
+        for (i, (name, _, target)) in timed.iter().enumerate() {
+            let s = load(target, 16, o.seconds.max(2.0), Some(fixed)).await;
+            eprintln!(
+                "latency run {}: {name}: p50 {:.0} µs, p99 {:.0} µs",
+                run + 1,
+                s.percentile(0.5),
+                s.percentile(0.99)
+            );
+            rounds[i].push(s);
         }
-        let s = load(target, 16, o.seconds.max(2.0), Some(fixed)).await;
-        latency.push((
-            *name,
-            s.percentile(0.5),
-            s.percentile(0.99),
-            s.percentile(0.999),
-            s.errors,
-        ));
     }
+    let latency: Vec<_> = timed
+        .iter()
+        .zip(&rounds)
+        .map(|((name, _, _), runs)| {
+            let at = |p: f64| median(runs.iter().map(|s| s.percentile(p)).collect());
+            let errors = runs.iter().map(|s| s.errors).sum::<u64>();
+            (*name, at(0.5), at(0.99), at(0.999), errors)
+        })
+        .collect();
 
     let mem_idle = {
         let p = start_tollgate(
@@ -1368,7 +1406,8 @@ fn render(
     }
     let _ = writeln!(
         s,
-        "\n## Latency at a fixed {fixed:.0} req/s (about 20% of the slowest case's throughput)\n"
+        "\n## Latency at a fixed {fixed:.0} req/s (about 20% of the slowest case's throughput; 16 connections; each percentile the median of {runs} alternating run(s))\n",
+        runs = o.runs
     );
     let _ = writeln!(
         s,

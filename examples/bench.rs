@@ -992,13 +992,28 @@ async fn run(o: &Opts, machine: &str) -> String {
             rounds[i].push(s);
         }
     }
-    let latency: Vec<_> = timed
+    // The first timed case is the direct path: p99 added is taken within each round (this
+    // case's p99 less the direct p99 of the same round), then the median of the rounds.
+    let direct = rounds.first().cloned().unwrap_or_default();
+    let latency: Vec<Latency> = timed
         .iter()
         .zip(&rounds)
         .map(|((name, _, _), runs)| {
             let at = |p: f64| median(runs.iter().map(|s| s.percentile(p)).collect());
-            let errors = runs.iter().map(|s| s.errors).sum::<u64>();
-            (*name, at(0.5), at(0.99), at(0.999), errors)
+            let added: Vec<f64> = runs
+                .iter()
+                .zip(&direct)
+                .map(|(s, d)| s.percentile(0.99) - d.percentile(0.99))
+                .collect();
+            Latency {
+                name,
+                p50: at(0.5),
+                p99: at(0.99),
+                p999: at(0.999),
+                added: median(added.clone()),
+                rounds: added,
+                errors: runs.iter().map(|s| s.errors).sum(),
+            }
         })
         .collect();
 
@@ -1329,6 +1344,18 @@ print(time.monotonic() - t)
     Some((per_min(median(direct)), per_min(median(through)), flows))
 }
 
+/// Fixed-rate latency of one case over the rounds.
+struct Latency<'a> {
+    name: &'a str,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    /// p99 added over the direct path: the median of the rounds', each against its own round.
+    added: f64,
+    rounds: Vec<f64>,
+    errors: u64,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn render(
     o: &Opts,
@@ -1336,7 +1363,7 @@ fn render(
     cases: &[(&str, Option<Proxy>, Target)],
     rows: &[Row],
     fixed: f64,
-    latency: &[(&str, f64, f64, f64, u64)],
+    latency: &[Latency],
     memory: &Memory,
     redis_denied: Option<(u64, u64)>,
     prefect: Option<(f64, f64, usize)>,
@@ -1406,7 +1433,7 @@ fn render(
     }
     let _ = writeln!(
         s,
-        "\n## Latency at a fixed {fixed:.0} req/s (about 20% of the slowest case's throughput; 16 connections; each percentile the median of {runs} alternating run(s))\n",
+        "\n## Latency at a fixed {fixed:.0} req/s (about 20% of the slowest case's throughput; 16 connections; each percentile the median of {runs} alternating round(s))\n",
         runs = o.runs
     );
     let _ = writeln!(
@@ -1414,12 +1441,18 @@ fn render(
         "| case | p50 µs | p99 µs | p99.9 µs | p99 added over direct | errors |"
     );
     let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
-    let direct_p99 = latency.first().map(|l| l.2).unwrap_or(f64::NAN);
-    for (name, p50, p99, p999, errors) in latency {
+    for l in latency {
+        let rounds: Vec<String> = l.rounds.iter().map(|a| format!("{a:+.0}")).collect();
         let _ = writeln!(
             s,
-            "| {name} | {p50:.0} | {p99:.0} | {p999:.0} | {:+.0} µs | {errors} |",
-            p99 - direct_p99
+            "| {} | {:.0} | {:.0} | {:.0} | {:+.0} µs (rounds: {}) | {} |",
+            l.name,
+            l.p50,
+            l.p99,
+            l.p999,
+            l.added,
+            rounds.join(", "),
+            l.errors
         );
     }
     let _ = writeln!(s, "\n## Memory and Redis\n");
@@ -1474,9 +1507,9 @@ fn render(
     }
     if let Some(l) = latency
         .iter()
-        .find(|l| l.0.starts_with("tollgate, auth + memory"))
+        .find(|l| l.name.starts_with("tollgate, auth + memory"))
     {
-        let added = l.2 - direct_p99;
+        let added = l.added;
         let _ = writeln!(
             s,
             "| p99 added over direct at 20% load ≤ 250 µs | {added:.0} µs | {} |",

@@ -66,20 +66,9 @@ impl Report {
         let told = || self.0.iter().filter(|b| !b.shadow);
         // The state, on every allowed response: written by hand into a buffer the header value
         // then owns (no formatting machinery, no copy).
-        let mut limit = String::with_capacity(48);
-        for (i, b) in told().enumerate() {
-            if i > 0 {
-                limit.push_str(", ");
-            }
-            push_item(
-                &mut limit,
-                &b.name,
-                ";r=",
-                b.remaining,
-                ";t=",
-                ceil_secs(b.reset),
-            );
-        }
+        let limit = list(told(), |out, b| {
+            push_item(out, &b.name, ";r=", b.remaining, ";t=", ceil_secs(b.reset))
+        });
         // The policy repeats from request to request: the last one this thread wrote is kept
         // with the limits it described, and reused while they are the same.
         let policy = LAST_POLICY.with(|last| {
@@ -95,20 +84,16 @@ impl Report {
                     return Some(value.clone());
                 }
             }
-            let mut text = String::with_capacity(48);
-            for (i, b) in told().enumerate() {
-                if i > 0 {
-                    text.push_str(", ");
-                }
+            let text = list(told(), |out, b| {
                 push_item(
-                    &mut text,
+                    out,
                     &b.name,
                     ";q=",
                     b.rate.count,
                     ";w=",
                     b.rate.window_secs(),
-                );
-            }
+                )
+            });
             let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()?;
             let limits = told()
                 .map(|b| (b.name.clone(), b.rate.count, b.rate.window_secs()))
@@ -141,6 +126,21 @@ type CachedPolicy = Option<(Vec<(Arc<str>, u64, u64)>, HeaderValue)>;
 
 thread_local! {
     static LAST_POLICY: std::cell::RefCell<CachedPolicy> = const { std::cell::RefCell::new(None) };
+}
+
+/// A structured-field list: one item a bucket, comma-separated.
+fn list<'a>(
+    buckets: impl Iterator<Item = &'a BucketState>,
+    item: impl Fn(&mut String, &BucketState),
+) -> String {
+    let mut out = String::with_capacity(48);
+    for (i, b) in buckets.enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        item(&mut out, b);
+    }
+    out
 }
 
 /// `"name";k1=v1;k2=v2`, one item of a structured-field list.

@@ -236,7 +236,7 @@ fn encode_head(req: &Request<Body>, bodiless: bool, out: &mut Vec<u8>) -> Out {
         None => match req.body().size_hint().exact() {
             Some(n) => {
                 out.extend_from_slice(b"content-length: ");
-                push_decimal(out, n);
+                out.extend_from_slice(HeaderValue::from(n).as_bytes());
                 out.extend_from_slice(b"\r\n");
                 Out::Length(n)
             }
@@ -248,21 +248,6 @@ fn encode_head(req: &Request<Body>, bodiless: bool, out: &mut Vec<u8>) -> Out {
     };
     out.extend_from_slice(b"\r\n");
     framing
-}
-
-fn push_decimal(out: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
 }
 
 /// Writes all of `buf`. On failure, how much of it went out.

@@ -194,11 +194,31 @@ pub(super) async fn exchange(
         let send = write_body(&conn.io, head, &mut body, out);
         tokio::pin!(send);
         // An upstream may answer before it has read the whole body (a 413): stop sending and
-        // read its answer rather than fail on a write it no longer reads.
-        tokio::select! {
-            biased;
-            sent = &mut send => sent.map_err(Failed::sent)?,
-            _ = conn.io.readable() => complete = false,
+        // read its answer rather than fail on a write it no longer reads. Only bytes (or the
+        // end) stop the body: a readiness flag with nothing behind it does not.
+        let buf = &mut conn.buf;
+        loop {
+            tokio::select! {
+                biased;
+                sent = &mut send => {
+                    sent.map_err(Failed::sent)?;
+                    break;
+                }
+                ready = conn.io.readable() => {
+                    if let Err(e) = ready {
+                        return Err(Failed::sent(ExchangeError::with(Kind::Read, e)));
+                    }
+                    buf.reserve(READ_CHUNK);
+                    match conn.io.try_read_buf(buf) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        // Bytes of an answer, or the end: read_head takes it from here.
+                        _ => {
+                            complete = false;
+                            break;
+                        }
+                    }
+                }
+            }
         }
     }
 

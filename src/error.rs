@@ -195,8 +195,10 @@ impl GatewayError {
                 resp.headers_mut()
                     .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
                 if status.add_header(resp.headers_mut()).is_err() {
-                    resp.headers_mut()
-                        .insert("grpc-status", HeaderValue::from(Code::Internal as i32));
+                    resp.headers_mut().insert(
+                        crate::grpc::names::GRPC_STATUS,
+                        HeaderValue::from(Code::Internal as i32),
+                    );
                 }
                 resp
             }

@@ -153,7 +153,7 @@ impl Forwarder {
         };
         let (mut parts, body) = resp.into_parts();
         proxy::strip_hop_by_hop(&mut parts.headers);
-        let trailers_only = parts.headers.contains_key("grpc-status");
+        let trailers_only = parts.headers.contains_key(&crate::grpc::names::GRPC_STATUS);
         let guarded = Guarded {
             inner: Body::new(body),
             deadline: ctx
@@ -181,7 +181,10 @@ fn trailers_only(status: &Status) -> Response {
 fn status_trailers(status: &Status) -> http::HeaderMap {
     let mut h = http::HeaderMap::new();
     if status.add_header(&mut h).is_err() {
-        h.insert("grpc-status", HeaderValue::from(status.code() as i32));
+        h.insert(
+            crate::grpc::names::GRPC_STATUS,
+            HeaderValue::from(status.code() as i32),
+        );
     }
     h
 }

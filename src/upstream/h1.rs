@@ -894,52 +894,62 @@ mod tests {
 
     #[test]
     fn framing_follows_rfc_9112() {
-        let f = |text: &str, is_head| framing(&head_of(text).unwrap().unwrap(), is_head).unwrap();
-        assert_eq!(
-            f("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false),
-            (State::Length(5), true)
-        );
-        assert_eq!(
-            f("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true),
-            (State::Length(0), true)
-        );
-        assert_eq!(
-            f("HTTP/1.1 204 No Content\r\n\r\n", false),
-            (State::Length(0), true)
-        );
-        assert_eq!(
-            f(
+        // (answer, to a HEAD, its body's framing, whether the connection is reused after it)
+        let cases = [
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                false,
+                State::Length(5),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                true,
+                State::Length(0),
+                true,
+            ),
+            (
+                "HTTP/1.1 204 No Content\r\n\r\n",
+                false,
+                State::Length(0),
+                true,
+            ),
+            (
                 "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
-                false
+                false,
+                State::Chunked(Chunk::Size),
+                true,
             ),
-            (State::Chunked(Chunk::Size), true)
-        );
-        assert_eq!(
-            f(
+            (
                 "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
-                false
+                false,
+                State::Chunked(Chunk::Size),
+                false,
             ),
-            (State::Chunked(Chunk::Size), false)
-        );
-        assert_eq!(
-            f("HTTP/1.1 200 OK\r\n\r\n", false),
-            (State::UntilClose, false)
-        );
-        assert_eq!(
-            f(
+            ("HTTP/1.1 200 OK\r\n\r\n", false, State::UntilClose, false),
+            (
                 "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n",
-                false
+                false,
+                State::Length(1),
+                false,
             ),
-            (State::Length(1), false)
-        );
-        assert_eq!(
-            f("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", false),
-            (State::Length(1), false)
-        );
-        assert_eq!(
-            f("HTTP/1.1 200 OK\r\ncontent-length: 4, 4\r\n\r\n", false),
-            (State::Length(4), true)
-        );
+            (
+                "HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n",
+                false,
+                State::Length(1),
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 4, 4\r\n\r\n",
+                false,
+                State::Length(4),
+                true,
+            ),
+        ];
+        for (text, is_head, state, reuse) in cases {
+            let head = head_of(text).unwrap().unwrap();
+            assert_eq!(framing(&head, is_head).unwrap(), (state, reuse), "{text:?}");
+        }
         let bad = |text: &str| framing(&head_of(text).unwrap().unwrap(), false).is_err();
         assert!(bad("HTTP/1.1 200 OK\r\ncontent-length: 4, 5\r\n\r\n"));
         assert!(bad("HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n"));

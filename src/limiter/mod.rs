@@ -154,18 +154,8 @@ fn push_item(out: &mut String, name: &str, k1: &str, v1: u64, k2: &str, v2: u64)
     push_decimal(out, v2);
 }
 
-fn push_decimal(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or("0"));
+fn push_decimal(out: &mut String, n: u64) {
+    out.push_str(std::str::from_utf8(crate::decimal(n, &mut [0; 20])).unwrap_or("0"));
 }
 
 /// Whole seconds, rounded up: a client that waits this long is never early.

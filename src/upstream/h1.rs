@@ -357,18 +357,18 @@ struct Head {
     headers: HeaderMap,
 }
 
-/// Reads from the socket into `buf`: the number of bytes read, 0 at EOF.
-fn poll_fill(io: &TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+/// Reads from the socket into `buf`: the number of bytes read, 0 at EOF. Through tokio's
+/// `poll_read`, which clears the socket's readiness after a short read: the next wait (and
+/// the pool's check at checkout) then costs no EAGAIN read.
+fn poll_fill(
+    io: &mut TcpStream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(READ_CHUNK);
     }
-    loop {
-        ready!(io.poll_read_ready(cx))?;
-        match io.try_read_buf(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            other => return Poll::Ready(other),
-        }
-    }
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }
 
 /// Reads and parses the response head, skipping interim (1xx) answers.
@@ -388,7 +388,7 @@ async fn read_head(conn: &mut Conn) -> Result<Head, ExchangeError> {
                 Parsed::Partial => break,
             }
         }
-        let n = poll_fn(|cx| poll_fill(&conn.io, &mut conn.buf, cx)).await;
+        let n = poll_fn(|cx| poll_fill(&mut conn.io, &mut conn.buf, cx)).await;
         match n {
             Ok(0) if !got_any => return Err(ExchangeError::new(Kind::ClosedBeforeAnswer)),
             Ok(0) => return Err(ExchangeError::new(Kind::Truncated)),
@@ -608,7 +608,7 @@ impl ResponseBody {
         let Some(conn) = self.conn.as_mut() else {
             return Poll::Ready(Ok(false));
         };
-        match ready!(poll_fill(&conn.io, &mut conn.buf, cx)) {
+        match ready!(poll_fill(&mut conn.io, &mut conn.buf, cx)) {
             Ok(0) => Poll::Ready(Ok(false)),
             Ok(_) => Poll::Ready(Ok(true)),
             Err(e) => Poll::Ready(Err(self.fail(Kind::Read, Some(e)))),

@@ -1,6 +1,12 @@
 //! The listeners: HTTP/1.1 and h2c on one main port (TCP_NODELAY on every accepted socket),
 //! and the admin port. Graceful shutdown: on SIGTERM/SIGINT stop accepting, let in-flight
 //! requests and websockets finish until the deadline, close what is left, return.
+//!
+//! A main-port connection starts on the gateway's own HTTP/1.1 path (`h1`), which serves the
+//! plain requests; whatever it does not take (h2c, upgrades, streamed bodies, odd heads) goes
+//! to hyper with the bytes read so far.
+
+mod h1;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -10,8 +16,8 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
 
 use crate::gateway::Gateway;
 use crate::layers::ClientAddr;
@@ -28,7 +34,7 @@ fn builder(gw: &Gateway) -> auto::Builder<TokioExecutor> {
     let head = (gw.settings.header_limit as usize * 2).max(16 * 1024);
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(h1::HEAD_TIMEOUT)
         .max_buf_size(head);
     b.http2()
         .timer(TokioTimer::new())
@@ -44,9 +50,9 @@ pub async fn run(gw: Arc<Gateway>, main: TcpListener, admin: TcpListener) -> any
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     tokio::spawn(serve_admin(gw.clone(), admin));
 
-    let graceful = GracefulShutdown::new();
+    let conns = TaskTracker::new();
     let svc = Arc::new(stack::main_service(gw.clone()));
-    let builder = builder(&gw);
+    let builder = Arc::new(builder(&gw));
     loop {
         tokio::select! {
             accepted = main.accept() => {
@@ -60,21 +66,7 @@ pub async fn run(gw: Arc<Gateway>, main: TcpListener, admin: TcpListener) -> any
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                let svc = svc.clone();
-                let client = ClientAddr::new(peer);
-                let hyper_svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                    let mut req = req.map(Body::new);
-                    req.extensions_mut().insert(client.clone());
-                    let svc = svc.clone();
-                    async move { Ok::<_, Infallible>(svc.handle(req).await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), hyper_svc).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
-                    }
-                });
+                conns.spawn(connection(tcp, peer, svc.clone(), builder.clone(), gw.shutdown.draining.clone()));
             }
             _ = hangup.recv() => match gw.reload() {
                 Ok(()) => tracing::info!("config reloaded: accounts, plans, workspaces and keys"),
@@ -91,8 +83,9 @@ pub async fn run(gw: Arc<Gateway>, main: TcpListener, admin: TcpListener) -> any
     );
     gw.shutdown.draining.cancel();
     gw.shutdown.websockets.close();
+    conns.close();
     let drained = tokio::time::timeout(grace, async {
-        graceful.shutdown().await;
+        conns.wait().await;
         gw.shutdown.websockets.wait().await;
     })
     .await;
@@ -103,6 +96,40 @@ pub async fn run(gw: Arc<Gateway>, main: TcpListener, admin: TcpListener) -> any
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// One main-port connection: the fast path first, then hyper if it hands the connection over.
+async fn connection<H: Handle>(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    svc: Arc<H>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    draining: tokio_util::sync::CancellationToken,
+) {
+    let client = ClientAddr::new(peer);
+    let io = match h1::serve(tcp, &*svc, &client, &draining).await {
+        h1::End::Closed => return,
+        h1::End::Fallback(tcp, prefix) => h1::Prefixed::new(tcp, prefix),
+    };
+    let hyper_svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+        let mut req = req.map(Body::new);
+        req.extensions_mut().insert(client.clone());
+        let svc = svc.clone();
+        async move { Ok::<_, Infallible>(svc.handle(req).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), hyper_svc);
+    let mut conn = std::pin::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        _ = draining.cancelled() => {
+            // Finish what is in flight, then close (an idle connection closes at once).
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, %peer, "connection ended with an error");
+    }
 }
 
 async fn serve_admin(gw: Arc<Gateway>, admin: TcpListener) {

@@ -6,6 +6,12 @@
 //! holds the next stage's future inline. A request through the whole stack is then one state
 //! machine with no allocation of its own (boxed tower services cost three allocations a stage:
 //! the clone, the stage's future and the inner future).
+//!
+//! A stage whose work before the call is synchronous is written as a plain function that
+//! returns the next stage's future, wrapped (`Either`, `FutureExt::map`), not as an `async fn`:
+//! an `async fn` keeps its request argument in its state beside the inner future, so each
+//! such stage added a request's worth of bytes to the future that is moved (copied) on every
+//! request, and a state machine to step through on every poll.
 
 use std::future::Future;
 

@@ -5,8 +5,11 @@
 //! discovery services (health, reflection) are answered without one, so `grpcurl` can list
 //! the API before it has a key.
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
+
+use futures_util::future::Either;
 
 use crate::error::{GatewayError, Protocol};
 use crate::gateway::Gateway;
@@ -84,18 +87,22 @@ impl Auth {
 }
 
 impl Middleware for Auth {
-    async fn call<N: Handle>(&self, mut req: Request, next: &N) -> Response {
+    fn call<N: Handle>(&self, mut req: Request, next: &N) -> impl Future<Output = Response> + Send {
         if grpc::is_discovery(&req) {
-            return next.handle(req).await;
+            return Either::Left(next.handle(req));
         }
-        let ip = client_ip(&req, self.0.settings.trusted_proxies);
-        let protocol = Protocol::of(&req);
+        let refuse = |req: &Request, e| {
+            let ip = client_ip(req, self.0.settings.trusted_proxies);
+            // Boxed: a refusal may wait on the limiter, and stays out of the admitted path's
+            // future.
+            Either::Right(Box::pin(self.refuse(ip, e, Protocol::of(req))))
+        };
         match keys::credential(req.headers()) {
             Ok(Some(presented)) => match principal(&self.0, &presented) {
                 Ok(p) => {
                     req.extensions_mut().insert(p);
                 }
-                Err(e) => return self.refuse(ip, e, protocol).await,
+                Err(e) => return refuse(&req, e),
             },
             Ok(None) if websocket::is_upgrade(&req) && websocket::offers_prefect(req.headers()) => {
                 req.extensions_mut().insert(PendingAuth);
@@ -104,10 +111,10 @@ impl Middleware for Auth {
                 let e = GatewayError::Unauthorized(
                     "missing API key: send \"Authorization: Bearer <API key>\"",
                 );
-                return self.refuse(ip, e, protocol).await;
+                return refuse(&req, e);
             }
-            Err(e) => return self.refuse(ip, e, protocol).await,
+            Err(e) => return refuse(&req, e),
         }
-        next.handle(req).await
+        Either::Left(next.handle(req))
     }
 }

@@ -2,8 +2,11 @@
 //! Content-Length where a body is sent (411), and how many requests may be in flight (503).
 //! Checked before authentication, so they cost the gateway nothing but a look at the headers.
 
+use std::future::Future;
 use std::sync::Arc;
 
+use futures_util::future::{ready, Either};
+use futures_util::FutureExt;
 use http::{header, Method};
 use http_body::Body as _;
 use http_body_util::Limited;
@@ -68,23 +71,29 @@ pub fn is_grpc(req: &Request) -> bool {
 }
 
 impl Middleware for Limits {
-    async fn call<N: Handle>(&self, req: Request, next: &N) -> Response {
+    fn call<N: Handle>(&self, req: Request, next: &N) -> impl Future<Output = Response> + Send {
         let s = &self.gw.settings;
         if let Err(e) = check(&req, s) {
-            return e.render_for(&req);
+            return Either::Left(ready(e.render_for(&req)));
         }
-        let Ok(_permit) = self.in_flight.clone().try_acquire_owned() else {
-            return GatewayError::Overloaded("too many requests in flight; retry shortly")
-                .render_for(&req);
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            let e = GatewayError::Overloaded("too many requests in flight; retry shortly");
+            return Either::Left(ready(e.render_for(&req)));
         };
         // A gRPC stream may run for hours: its bound is per message, kept by the gRPC front
-        // (`crate::grpc`), not on the whole body.
-        if is_grpc(&req) {
-            return next.handle(req).await;
-        }
-        // Content-Length is checked above; the cap also holds a body that has none.
-        let limit = s.body_limit as usize;
-        let req = req.map(|b| Body::new(Limited::new(b, limit)));
-        next.handle(req).await
+        // (`crate::grpc`), not on the whole body. Content-Length is checked above; the cap
+        // also holds a body that has none. A body that has already ended (most requests)
+        // needs no cap, nor its allocation.
+        let req = if is_grpc(&req) || req.body().is_end_stream() {
+            req
+        } else {
+            let limit = s.body_limit as usize;
+            req.map(|b| Body::new(Limited::new(b, limit)))
+        };
+        // The slot is held until the response head is ready.
+        Either::Right(next.handle(req).map(move |resp| {
+            drop(permit);
+            resp
+        }))
     }
 }

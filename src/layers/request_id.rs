@@ -1,6 +1,9 @@
 //! Request ids: every request gets an `X-Request-Id` (the client's, when it sent one), which the
 //! upstream sees, the response carries and every log line of the request names.
 
+use std::future::Future;
+
+use futures_util::FutureExt;
 use http::header::{HeaderName, HeaderValue};
 
 use crate::middleware::{Handle, Middleware, Stage};
@@ -25,7 +28,7 @@ pub fn fresh() -> HeaderValue {
 }
 
 impl Middleware for RequestId {
-    async fn call<N: Handle>(&self, mut req: Request, next: &N) -> Response {
+    fn call<N: Handle>(&self, mut req: Request, next: &N) -> impl Future<Output = Response> + Send {
         let id = match req.headers().get(&X_REQUEST_ID) {
             Some(id) => id.clone(),
             None => {
@@ -34,14 +37,15 @@ impl Middleware for RequestId {
                 id
             }
         };
-        let mut resp = next.handle(req).await;
-        if !resp.headers().contains_key(&X_REQUEST_ID) {
-            // Unique to this response: h2 sends it as a literal instead of adding it to the
-            // connection's header table, where it would only evict what repeats.
-            let mut id = id;
-            id.set_sensitive(true);
-            resp.headers_mut().insert(X_REQUEST_ID, id);
-        }
-        resp
+        next.handle(req).map(move |mut resp| {
+            if !resp.headers().contains_key(&X_REQUEST_ID) {
+                // Unique to this response: h2 sends it as a literal instead of adding it to the
+                // connection's header table, where it would only evict what repeats.
+                let mut id = id;
+                id.set_sensitive(true);
+                resp.headers_mut().insert(X_REQUEST_ID, id);
+            }
+            resp
+        })
     }
 }

@@ -6,7 +6,10 @@
 //! or `account_handle/workspace_handle`), which may be left out when the key allows exactly one
 //! workspace. Pass-through services and the discovery services need no workspace.
 
+use std::future::Future;
 use std::sync::Arc;
+
+use futures_util::future::{ready, Either};
 
 use crate::error::{GatewayError, Protocol};
 use crate::gateway::Gateway;
@@ -132,31 +135,30 @@ pub fn allowed(p: &Principal, ws: &crate::tenancy::Workspace) -> bool {
 }
 
 impl Middleware for Tenant {
-    async fn call<N: Handle>(&self, mut req: Request, next: &N) -> Response {
-        if Protocol::of(&req).is_grpc() {
-            let principal = req.extensions().get::<Principal>();
-            return match resolve_grpc(&self.0, &req, principal) {
-                Ok(target) => {
-                    req.extensions_mut().insert(target);
-                    next.handle(req).await
-                }
-                Err(e) => e.render_for(&req),
-            };
-        }
-        let route = match path::parse(req.uri().path()) {
-            Ok(r) => r,
-            Err(e) => return e.into_response(),
-        };
-        let principal = req.extensions().get::<Principal>();
-        if principal.is_none() && req.extensions().get::<PendingAuth>().is_none() {
-            return GatewayError::Unauthorized("missing API key").into_response();
-        }
-        match resolve(&self.0, route, principal) {
+    fn call<N: Handle>(&self, mut req: Request, next: &N) -> impl Future<Output = Response> + Send {
+        let grpc = Protocol::of(&req).is_grpc();
+        match self.target(&req, grpc) {
             Ok(target) => {
                 req.extensions_mut().insert(target);
-                next.handle(req).await
+                Either::Left(next.handle(req))
             }
-            Err(e) => e.into_response(),
+            Err(e) if grpc => Either::Right(ready(e.render_for(&req))),
+            Err(e) => Either::Right(ready(e.into_response())),
         }
+    }
+}
+
+impl Tenant {
+    /// Where the request goes.
+    fn target(&self, req: &Request, grpc: bool) -> Result<Target, GatewayError> {
+        let principal = req.extensions().get::<Principal>();
+        if grpc {
+            return resolve_grpc(&self.0, req, principal);
+        }
+        let route = path::parse(req.uri().path())?;
+        if principal.is_none() && req.extensions().get::<PendingAuth>().is_none() {
+            return Err(GatewayError::Unauthorized("missing API key"));
+        }
+        resolve(&self.0, route, principal)
     }
 }

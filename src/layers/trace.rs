@@ -1,9 +1,12 @@
 //! Tracing and metrics: one span a request (named by its request id) and one access-log line
 //! when the response head is ready, with the status, the time taken and the caller.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::future::Either;
+use futures_util::FutureExt;
 use tracing::Instrument;
 
 use crate::gateway::Gateway;
@@ -18,13 +21,22 @@ pub fn layer(gw: &Arc<Gateway>) -> Stage<Trace> {
 }
 
 impl Middleware for Trace {
-    async fn call<N: Handle>(&self, req: Request, next: &N) -> Response {
+    fn call<N: Handle>(&self, req: Request, next: &N) -> impl Future<Output = Response> + Send {
         // The access log is the costly part: its strings are made only when it is on.
         if !tracing::enabled!(target: "tollgate::access", tracing::Level::INFO) {
-            let resp = next.handle(req).await;
-            self.0.metrics.record_status(resp.status().as_u16());
-            return resp;
+            let gw = &self.0;
+            return Either::Left(next.handle(req).map(move |resp| {
+                gw.metrics.record_status(resp.status().as_u16());
+                resp
+            }));
         }
+        Either::Right(Box::pin(self.logged(req, next)))
+    }
+}
+
+impl Trace {
+    /// The request with its span and access log line.
+    async fn logged<N: Handle>(&self, req: Request, next: &N) -> Response {
         let started = Instant::now();
         let id = req
             .headers()

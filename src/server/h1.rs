@@ -254,30 +254,34 @@ fn parse(buf: &[u8]) -> Parse {
     };
     let mut length = None;
     for h in req.headers.iter() {
+        // The names that decide the path, told apart by length first: most names are none.
         let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok());
-            match (n, length) {
-                (Some(n), None) => length = Some(n),
-                // Two lengths, or one that is not a plain number: hyper decides (400).
-                _ => return Parse::Other,
-            }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
-            || name.eq_ignore_ascii_case(b"upgrade")
-            || name.eq_ignore_ascii_case(b"expect")
-        {
-            return Parse::Other;
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in h.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    head.close = true;
-                } else if token.eq_ignore_ascii_case(b"upgrade") {
-                    return Parse::Other;
+        let is = |want: &str| name.eq_ignore_ascii_case(want.as_bytes());
+        match name.len() {
+            14 if is("content-length") => {
+                let n = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok());
+                match (n, length) {
+                    (Some(n), None) => length = Some(n),
+                    // Two lengths, or one that is not a plain number: hyper decides (400).
+                    _ => return Parse::Other,
                 }
             }
+            17 if is("transfer-encoding") => return Parse::Other,
+            7 if is("upgrade") => return Parse::Other,
+            6 if is("expect") => return Parse::Other,
+            10 if is("connection") => {
+                for token in h.value.split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        head.close = true;
+                    } else if token.eq_ignore_ascii_case(b"upgrade") {
+                        return Parse::Other;
+                    }
+                }
+            }
+            _ => {}
         }
         head.fields.push([
             h.name.as_ptr() as usize - base,

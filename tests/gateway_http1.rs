@@ -277,6 +277,11 @@ async fn a_connection_moves_to_hyper_for_expect_and_http_1_0_and_loses_nothing()
         uris,
         ["/api/flows/one", "/api/flows/two", "/api/flows/three"]
     );
+    assert_eq!(
+        up.requests()[1].header("expect"),
+        None,
+        "the gateway answers Expect itself and does not pass it on"
+    );
 }
 
 #[tokio::test]

@@ -26,6 +26,9 @@ enum Conn {
     DropSecond,
     /// Answers the n-th request of a connection (from 1) as the function says.
     Script(Script),
+    /// Sends `100 Continue` on the head alone, then reads the body and answers 200 with its
+    /// length (what uvicorn and Python's http.server do for `Expect`, and may do unasked).
+    ContinueFirst,
 }
 
 /// What a scripted connection answers to its n-th request (from 1).
@@ -111,9 +114,33 @@ impl RawUpstream {
                     let mut n = 0;
                     let early = |n: usize| match mode {
                         Conn::Script(f) => f(n).early,
+                        Conn::ContinueFirst => true,
                         _ => false,
                     };
-                    while let Some(raw) = read_request(&mut tcp, &mut buf, early(n + 1)).await {
+                    while let Some(mut raw) = read_request(&mut tcp, &mut buf, early(n + 1)).await {
+                        if let Conn::ContinueFirst = mode {
+                            let head = String::from_utf8_lossy(&raw).to_lowercase();
+                            let len: usize = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse().ok())
+                                .unwrap_or(0);
+                            if tcp
+                                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                            while buf.len() < len {
+                                let mut chunk = [0u8; 64 * 1024];
+                                match tcp.read(&mut chunk).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                                }
+                            }
+                            raw.extend(buf.drain(..len));
+                        }
                         reqs.lock().unwrap().push(raw);
                         n += 1;
                         let answer = match mode {
@@ -558,4 +585,51 @@ async fn an_answer_before_the_body_is_read_is_relayed() {
     // That connection is not reused: the next request opens another.
     assert_eq!(get_flows(&gw).await.status, 413);
     assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+}
+
+/// Reads from `tcp` into `got` until it holds `until`.
+async fn read_until(tcp: &mut TcpStream, got: &mut Vec<u8>, until: &[u8]) {
+    let mut chunk = [0u8; 4096];
+    while find(got, until).is_none() {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut chunk))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn an_interim_100_from_the_upstream_does_not_stop_the_body() {
+    // The body streams (over 64 KiB, sent after a pause), so the upstream's 100 Continue
+    // arrives while the gateway is still sending it: the gateway must keep sending, not take
+    // the 100 for an early answer and wait for a final one the upstream never sends.
+    let up = RawUpstream::start(Conn::ContinueFirst).await;
+    let gw = Gateway::start(&Fixture::new(&up.url()).toml());
+    let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let len = 100_000;
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: gw\r\nAuthorization: {}\r\nContent-Length: {len}\r\nExpect: 100-continue\r\n\r\n",
+        ws_path("flows/"),
+        bearer(KEY)
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    read_until(&mut tcp, &mut got, b"100 Continue\r\n\r\n").await;
+    // Let the gateway forward the head and the upstream answer it with its own 100.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tcp.write_all(&vec![b'x'; len]).await.unwrap();
+    got.clear();
+    read_until(&mut tcp, &mut got, b"\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let recorded = up.requests.lock().unwrap().clone();
+    assert_eq!(recorded.len(), 1);
+    let raw = String::from_utf8_lossy(&recorded[0]).to_lowercase();
+    assert!(
+        !raw.contains("expect:"),
+        "Expect is the gateway's to answer, not forwarded"
+    );
+    assert!(raw.ends_with(&"x".repeat(len)), "the whole body arrived");
 }

@@ -211,6 +211,8 @@ pub(super) async fn exchange(
                     buf.reserve(READ_CHUNK);
                     match conn.io.try_read_buf(buf) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        // An interim answer (a 100 Continue) is not an answer: keep sending.
+                        Ok(n) if n > 0 && skip_interim(buf) => continue,
                         // Bytes of an answer, or the end: read_head takes it from here.
                         _ => {
                             complete = false;
@@ -369,6 +371,34 @@ fn poll_fill(
         buf.reserve(READ_CHUNK);
     }
     tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+}
+
+/// Takes complete interim (1xx) answers off the front of `buf`. Whether what is left may
+/// still be one (nothing, or the start of a head not yet complete); false once a final answer
+/// or something unparsable begins, which `read_head` then reads or reports.
+fn skip_interim(buf: &mut BytesMut) -> bool {
+    loop {
+        if buf.is_empty() {
+            return true;
+        }
+        let mut slots = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut parsed,
+            buf,
+            &mut slots,
+        ) {
+            Ok(httparse::Status::Complete(len))
+                if parsed
+                    .code
+                    .is_some_and(|c| (100..200).contains(&c) && c != 101) =>
+            {
+                buf.advance(len)
+            }
+            Ok(httparse::Status::Partial) => return buf.len() < MAX_HEAD,
+            _ => return false,
+        }
+    }
 }
 
 /// Reads and parses the response head, skipping interim (1xx) answers.
@@ -953,6 +983,35 @@ mod tests {
         let bad = |text: &str| framing(&head_of(text).unwrap().unwrap(), false).is_err();
         assert!(bad("HTTP/1.1 200 OK\r\ncontent-length: 4, 5\r\n\r\n"));
         assert!(bad("HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n"));
+    }
+
+    #[test]
+    fn interim_answers_are_taken_off_and_a_final_one_stops_the_body() {
+        let cases: [(&str, bool, &str); 6] = [
+            ("HTTP/1.1 100 Continue\r\n\r\n", true, ""),
+            (
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 10",
+                true,
+                "HTTP/1.1 10",
+            ),
+            (
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 No\r\n\r\n",
+                false,
+                "HTTP/1.1 413 No\r\n\r\n",
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", false, "HTTP/1.1 200 OK\r\n\r\n"),
+            (
+                "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                false,
+                "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            ),
+            ("garbage\r\n\r\n", false, "garbage\r\n\r\n"),
+        ];
+        for (input, keep_sending, left) in cases {
+            let mut buf = BytesMut::from(input);
+            assert_eq!(skip_interim(&mut buf), keep_sending, "{input:?}");
+            assert_eq!(&buf[..], left.as_bytes(), "{input:?}");
+        }
     }
 
     #[test]

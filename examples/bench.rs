@@ -56,10 +56,10 @@ fn opts() -> Opts {
         quick,
         seconds: value("--seconds")
             .and_then(|v| v.parse().ok())
-            .unwrap_or(if quick { 2.0 } else { 8.0 }),
+            .unwrap_or(if quick { 2.0 } else { 5.0 }),
         runs: value("--runs")
             .and_then(|v| v.parse().ok())
-            .unwrap_or(if quick { 1 } else { 3 }),
+            .unwrap_or(if quick { 1 } else { 5 }),
         conns: value("--conns").and_then(|v| v.parse().ok()).unwrap_or(32),
         out: value("--out").map(PathBuf::from).unwrap_or_else(|| {
             if quick {
@@ -671,6 +671,25 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// `a` against `b` measured in the same rounds: the median of the per-round ratios, and the
+/// ratios. A shared machine drifts over seconds; two cases run next to each other in a round
+/// see the same drift, so their ratio is steadier than the ratio of two medians.
+fn paired(a: &[f64], b: &[f64]) -> (f64, Vec<f64>) {
+    let rounds: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter(|(_, b)| **b > 0.0)
+        .map(|(a, b)| a / b)
+        .collect();
+    (median(rounds.clone()), rounds)
+}
+
+/// `0.97x (rounds: 0.91, 0.97, 1.02)`.
+fn with_rounds(x: f64, rounds: &[f64]) -> String {
+    let list: Vec<String> = rounds.iter().map(|r| format!("{r:.2}")).collect();
+    format!("{x:.2}x (rounds: {})", list.join(", "))
 }
 
 #[derive(Default)]
@@ -1396,14 +1415,17 @@ fn render(
          How the figures were brought here, with profiles and before/after numbers: docs/PERFORMANCE.md.\n"
     );
     let nginx = cases.iter().position(|c| c.0.starts_with("nginx"));
-    let nginx_rps = nginx.map(|i| median(rows[i].rps.clone()));
-    let nginx_cpu = nginx.map(|i| median(rows[i].cpu_us.clone()));
     let _ = writeln!(s, "## Throughput\n");
+    let _ = writeln!(
+        s,
+        "req/s and CPU are medians over the rounds; the ratios are the medians of the per-round ratios \
+         (each case against nginx in the same round).\n"
+    );
     let _ = writeln!(s, "| case | req/s | vs nginx | proxy CPU µs/req | CPU vs nginx | RSS under load | errors | Redis round trips/req |");
     let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
-    let ratio = |a: f64, b: Option<f64>| {
-        b.filter(|b| *b > 0.0)
-            .map_or("–".to_string(), |b| format!("{:.2}x", a / b))
+    let vs_nginx = |a: &[f64], pick: fn(&Row) -> &Vec<f64>| match nginx {
+        Some(n) if !a.is_empty() => format!("{:.2}x", paired(a, pick(&rows[n])).0),
+        _ => "–".to_string(),
     };
     for ((name, _, _), r) in cases.iter().zip(rows) {
         let rps = median(r.rps.clone());
@@ -1411,14 +1433,14 @@ fn render(
         let _ = writeln!(
             s,
             "| {name} | {rps:.0} | {} | {} | {} | {} | {} | {} |",
-            ratio(rps, nginx_rps),
+            vs_nginx(&r.rps, |r| &r.rps),
             if cpu.is_finite() {
                 format!("{cpu:.1}")
             } else {
                 "–".into()
             },
             if cpu.is_finite() {
-                ratio(cpu, nginx_cpu)
+                vs_nginx(&r.cpu_us, |r| &r.cpu_us)
             } else {
                 "–".into()
             },
@@ -1501,9 +1523,14 @@ fn render(
     let find = |prefix: &str| cases.iter().position(|c| c.0.starts_with(prefix));
     let met = |b: bool| if b { "yes" } else { "no" };
     if let (Some(m), Some(n)) = (find("tollgate, auth + memory"), nginx) {
-        let r = median(rows[m].rps.clone()) / median(rows[n].rps.clone());
-        let c = median(rows[m].cpu_us.clone()) / median(rows[n].cpu_us.clone());
-        let _ = writeln!(s, "| full-stack throughput ≥ 1.0x nginx | {r:.2}x (CPU per request: {c:.2}x nginx's) | {} |", met(r >= 1.0));
+        let (r, rounds) = paired(&rows[m].rps, &rows[n].rps);
+        let (c, _) = paired(&rows[m].cpu_us, &rows[n].cpu_us);
+        let _ = writeln!(
+            s,
+            "| full-stack throughput ≥ 1.0x nginx | {}; CPU per request: {c:.2}x nginx's | {} |",
+            with_rounds(r, &rounds),
+            met(r >= 1.0)
+        );
     }
     if let Some(l) = latency
         .iter()
@@ -1520,11 +1547,12 @@ fn render(
         find("tollgate, auth + Redis"),
         find("tollgate, auth + memory"),
     ) {
-        let x = median(rows[r].rps.clone()) / median(rows[m].rps.clone());
-        let c = median(rows[r].cpu_us.clone()) / median(rows[m].cpu_us.clone());
+        let (x, rounds) = paired(&rows[r].rps, &rows[m].rps);
+        let (c, _) = paired(&rows[r].cpu_us, &rows[m].cpu_us);
         let _ = writeln!(
             s,
-            "| Redis limiter ≥ 0.85x memory limiter | {x:.2}x (gateway CPU per request: {c:.2}x the memory limiter's; redis-server shares CPU 1 with the client) | {} |",
+            "| Redis limiter ≥ 0.85x memory limiter | {}; gateway CPU per request: {c:.2}x the memory limiter's; redis-server shares CPU 1 with the client | {} |",
+            with_rounds(x, &rounds),
             met(x >= 0.85)
         );
         if let Some(v) = rows[r].redis_per_req {
@@ -1564,11 +1592,12 @@ fn render(
         );
     }
     if let (Some(g), Some(m)) = (find("tollgate, gRPC"), find("tollgate, auth + memory")) {
-        let x = median(rows[g].rps.clone()) / median(rows[m].rps.clone());
-        let c = median(rows[g].cpu_us.clone()) / median(rows[m].cpu_us.clone());
+        let (x, rounds) = paired(&rows[g].rps, &rows[m].rps);
+        let (c, _) = paired(&rows[g].cpu_us, &rows[m].cpu_us);
         let _ = writeln!(
             s,
-            "| gRPC unary ≥ 0.8x REST (both `flows/{{id}}` through tollgate) | {x:.2}x (CPU per call: {c:.2}x REST's) | {} |",
+            "| gRPC unary ≥ 0.8x REST (both `flows/{{id}}` through tollgate) | {}; CPU per call: {c:.2}x REST's | {} |",
+            with_rounds(x, &rounds),
             met(x >= 0.8)
         );
     }

@@ -242,16 +242,21 @@ async fn connection_close_is_answered_in_kind_and_the_gateway_closes() {
     assert_closed(&mut tcp, Duration::from_secs(2), "after Connection: close").await;
 }
 
-#[tokio::test]
-async fn a_connection_moves_to_hyper_for_expect_and_http_1_0_and_loses_nothing() {
-    let (up, gw) = start().await;
-    let mut tcp = connect(&gw).await;
+/// A connection that has carried one request (`flows/one`) on the fast path.
+async fn after_one_fast_request(gw: &Gateway) -> (TcpStream, Vec<u8>) {
+    let mut tcp = connect(gw).await;
     let mut buf = Vec::new();
-    // Fast path first.
     tcp.write_all(get("flows/one", "").as_bytes())
         .await
         .unwrap();
     assert_eq!(read_answer(&mut tcp, &mut buf, false).await.status, 200);
+    (tcp, buf)
+}
+
+#[tokio::test]
+async fn a_connection_moves_to_hyper_for_expect_and_http_1_0_and_loses_nothing() {
+    let (up, gw) = start().await;
+    let (mut tcp, mut buf) = after_one_fast_request(&gw).await;
     // Expect: 100-continue is hyper's: the head alone, then the body after the 100.
     let body = r#"{"n":2}"#;
     let req = post(
@@ -287,12 +292,7 @@ async fn a_connection_moves_to_hyper_for_expect_and_http_1_0_and_loses_nothing()
 #[tokio::test]
 async fn a_chunked_body_after_fast_requests_is_still_refused_with_411() {
     let (up, gw) = start().await;
-    let mut tcp = connect(&gw).await;
-    let mut buf = Vec::new();
-    tcp.write_all(get("flows/one", "").as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(read_answer(&mut tcp, &mut buf, false).await.status, 200);
+    let (mut tcp, mut buf) = after_one_fast_request(&gw).await;
     let req = post(
         "flows/",
         "Transfer-Encoding: chunked\r\n",

@@ -67,9 +67,7 @@ pub fn to_upstream_headers(
     strip_hop_by_hop(h);
     // The gateway answers a client's `Expect: 100-continue` itself; passed on, it would only
     // make the upstream send a 100 of its own.
-    if h.contains_key(header::EXPECT) {
-        h.remove(header::EXPECT);
-    }
+    h.remove(header::EXPECT);
     h.remove(header::AUTHORIZATION);
     h.remove(X_API_KEY);
     if let Some(auth) = &upstream.auth_header {

@@ -374,10 +374,7 @@ async fn write_response(
             // An upstream's own date stays (as hyper does).
             dated = true;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        crate::push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if !dated {
         push_date(out);
@@ -389,9 +386,7 @@ async fn write_response(
             Some(f) => f,
             None => match body.size_hint().exact() {
                 Some(n) => {
-                    out.extend_from_slice(b"content-length: ");
-                    out.extend_from_slice(crate::decimal(n, &mut [0; 20]));
-                    out.extend_from_slice(b"\r\n");
+                    crate::push_field(out, b"content-length", crate::decimal(n, &mut [0; 20]));
                     Framing::Length(n)
                 }
                 None => {
@@ -475,10 +470,7 @@ async fn write_body(c: &mut Conn, body: &mut Body, framing: Framing) -> io::Resu
         Framing::Chunked => {
             c.out.extend_from_slice(b"0\r\n");
             for (name, value) in trailers.iter().flatten() {
-                c.out.extend_from_slice(name.as_str().as_bytes());
-                c.out.extend_from_slice(b": ");
-                c.out.extend_from_slice(value.as_bytes());
-                c.out.extend_from_slice(b"\r\n");
+                crate::push_field(&mut c.out, name.as_str().as_bytes(), value.as_bytes());
             }
             c.out.extend_from_slice(b"\r\n");
         }

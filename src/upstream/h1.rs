@@ -236,10 +236,7 @@ fn encode_head(req: &Request<Body>, bodiless: bool, out: &mut Vec<u8>) -> Out {
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in req.headers() {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        crate::push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let declared = req
         .headers()
@@ -257,9 +254,7 @@ fn encode_head(req: &Request<Body>, bodiless: bool, out: &mut Vec<u8>) -> Out {
         }
         None => match req.body().size_hint().exact() {
             Some(n) => {
-                out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(HeaderValue::from(n).as_bytes());
-                out.extend_from_slice(b"\r\n");
+                crate::push_field(out, b"content-length", crate::decimal(n, &mut [0; 20]));
                 Out::Length(n)
             }
             None => {

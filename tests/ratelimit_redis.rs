@@ -508,7 +508,7 @@ mod limiter_api {
     }
 
     /// While Redis stalls (slow, not failed: its calls stay within the timeout), requests queue
-    /// for the two calls in flight only up to a bound; the rest go to the failure policy at
+    /// for the call in flight only up to a bound; the rest go to the failure policy at
     /// once instead of waiting without limit.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stalled_redis_queues_a_bounded_number_of_requests() {
@@ -578,6 +578,43 @@ mod limiter_api {
             fallback_before,
             "requests decided under the failure policy"
         );
+    }
+
+    /// The figures of requests that share calls are those each would have got alone: the
+    /// gateway replays the script's arithmetic from what the call answers (Redis's time, the
+    /// TATs it read, a commit flag a request), so 60 at once on a bucket of burst 50 report
+    /// every remaining count from 49 down to 0 once, and the refused ones a wait of at most one
+    /// interval (72 s at 50 an hour).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_sharing_a_call_report_what_each_would_alone() {
+        let _heavy = heavy().await;
+        let redis = RedisServer::start();
+        let (limiter, _) = limiter(vec![redis.url()], false).await;
+        let hour = Duration::from_secs(3600);
+        let bucket = charge(uuid::Uuid::new_v4(), "api", Rate::new(50, hour));
+        let before = redis.script_calls();
+        let decisions = all_at_once(&limiter, vec![vec![bucket.clone()]; 60]).await;
+        let calls = redis.script_calls() - before;
+        let mut remaining: Vec<u64> = Vec::new();
+        let mut waits = Vec::new();
+        for d in &decisions {
+            match d {
+                Decision::Allowed(report) => remaining.push(report.0[0].remaining),
+                Decision::Denied(denial) => waits.push(denial.retry_after),
+                Decision::Unavailable => panic!("Redis did not decide"),
+            }
+        }
+        remaining.sort_unstable();
+        eprintln!("60 at once, {calls} script calls; waits of the refused: {waits:?}");
+        assert!(calls < 60, "{calls} script calls: no call was shared");
+        assert_eq!(remaining, (0..50).collect::<Vec<u64>>());
+        assert_eq!(waits.len(), 10);
+        for w in waits {
+            assert!(
+                w > Duration::ZERO && w <= Duration::from_secs(72),
+                "retry after {w:?}"
+            );
+        }
     }
 
     /// A request denied by one of its buckets takes nothing from the others, also when the

@@ -4,6 +4,7 @@
 //! A request is a list of `Charge`s (one per bucket it draws on, each with its rate and cost).
 //! They are decided together: a request denied by one bucket consumes nothing from the others.
 
+pub mod batch;
 pub mod gcra;
 pub mod memory;
 pub mod redis;

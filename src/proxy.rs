@@ -26,13 +26,20 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+fn is_hop_by_hop(k: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(k) || k.as_str().starts_with("proxy-")
+}
+
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // The common case, on every request and response: nothing to strip. One pass over the
     // names instead of a lookup for each hop-by-hop header.
-    let hop = |k: &HeaderName| HOP_BY_HOP.contains(k) || k.as_str().starts_with("proxy-");
-    if !headers.keys().any(hop) {
-        return;
+    if headers.keys().any(is_hop_by_hop) {
+        strip_found_hop_by_hop(headers);
     }
+}
+
+/// Strips the hop-by-hop headers of a map known to hold some.
+fn strip_found_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named by Connection are hop-by-hop too (RFC 9110 §7.6.1).
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -64,12 +71,25 @@ pub fn to_upstream_headers(
     host: Option<HeaderValue>,
     upstream: &Upstream,
 ) {
-    strip_hop_by_hop(h);
+    // One pass over the names finds what is rarely there (a lookup each cost more).
+    let (mut hop, mut expect, mut api_key) = (false, false, false);
+    for k in h.keys() {
+        hop |= is_hop_by_hop(k);
+        expect |= k == header::EXPECT;
+        api_key |= k == X_API_KEY;
+    }
+    if hop {
+        strip_found_hop_by_hop(h);
+    }
     // The gateway answers a client's `Expect: 100-continue` itself; passed on, it would only
     // make the upstream send a 100 of its own.
-    h.remove(header::EXPECT);
+    if expect {
+        h.remove(header::EXPECT);
+    }
+    if api_key {
+        h.remove(X_API_KEY);
+    }
     h.remove(header::AUTHORIZATION);
-    h.remove(X_API_KEY);
     if let Some(auth) = &upstream.auth_header {
         h.insert(header::AUTHORIZATION, auth.clone());
     }

@@ -52,9 +52,14 @@ impl Call {
             return Err(GatewayError::WorkspaceNotFound.to_status());
         };
         let ctx = ext.get::<CallContext>().cloned().unwrap_or_default();
-        let mut headers = req.metadata().clone().into_headers();
-        for name in GRPC_ONLY {
-            headers.remove(name);
+        // The metadata less what describes the gRPC exchange, in one pass (a clone and a
+        // removal for each name cost twice as much).
+        let metadata: &HeaderMap = req.metadata().as_ref();
+        let mut headers = HeaderMap::with_capacity(metadata.len() + 6);
+        for (name, value) in metadata {
+            if !GRPC_ONLY.contains(name) {
+                headers.append(name.clone(), value.clone());
+            }
         }
         let client = ext.get::<ClientAddr>();
         proxy::to_upstream_headers(&mut headers, client, ctx.host, &workspace.upstream);

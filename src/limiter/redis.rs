@@ -73,6 +73,8 @@ const CALLS_IN_FLIGHT: usize = 1;
 /// On a cluster: a call waits for its slowest node, so a second one keeps a slow node from
 /// holding up every other account.
 const CLUSTER_CALLS_IN_FLIGHT: usize = 2;
+/// The batcher's passes through the runtime, past the first, while requests keep queueing.
+const EXTRA_PASSES: usize = 3;
 /// Requests that may wait for a call: eight full batches, so a request waits at most about eight
 /// calls' time before its own (four on a cluster). Past it, Redis is not keeping up, and the failure policy decides.
 const QUEUE_LIMIT: usize = 8 * BATCH_REQUESTS;
@@ -560,11 +562,24 @@ async fn batcher(limiter: Weak<RedisLimiter>, mut queue: mpsc::Receiver<Job>, ca
             return;
         };
         // Let the runtime run what is ready first (requests whose bytes have arrived get to
-        // queue) before this batch is taken: no timer, so a lone request still goes at once,
-        // but under load the batches grow. Measured in the benchmark's Redis case: 0.072 calls
-        // a request against 0.085, redis-server 2.6 µs of CPU a request against 3.1, and no
-        // change in p99 at 9,000 req/s.
+        // queue) before this batch is taken, and while they keep arriving, up to
+        // EXTRA_PASSES passes more. No timer: when nothing waits, the batch goes at once, so a
+        // lone request is not held; under load the batches grow. Measured in the benchmark's
+        // Redis case (six rounds of 3 s): calls a request 0.085 with no pass, 0.071 with one,
+        // 0.049 with up to four; redis-server 3.1, 2.6 and 2.0 µs of CPU a request; gateway
+        // 16.9 and 16.1 µs for one and four; throughput +6% from one to four; p99 at 1,000
+        // and 10,000 req/s no worse.
         tokio::task::yield_now().await;
+        for _ in 0..EXTRA_PASSES {
+            let waiting = queue.len();
+            if waiting == 0 || waiting >= BATCH_REQUESTS {
+                break;
+            }
+            tokio::task::yield_now().await;
+            if queue.len() == waiting {
+                break;
+            }
+        }
         let first = match carried.take() {
             Some(job) => job,
             None => match queue.recv().await {

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use super::gcra::{self, Outcome};
 use super::Charge;
+use crate::FastMap;
 
 /// KEYS: the batch's distinct buckets. ARGV: per bucket interval (µs), burst, shadow (0/1);
 /// then runs, each: count, bucket count n, then n pairs of (bucket index, cost).
@@ -28,6 +29,7 @@ use super::Charge;
 /// are committed only when every enforced one allows), and each sees what the earlier ones
 /// committed: a bucket is read once (`GET`) and followed in `tat`; each changed bucket is
 /// written once, at the end. Returns `now,tat_1,...,tat_k,flags` (one `1`/`0` a request).
+/// One string, not an array: redis-rs's parser of an array of integers cost more than a split.
 /// Every number is a whole count of µs, written with `%d` (Lua's `%.0f` goes through glibc's
 /// multi-precision float printing, which showed in redis-server's profile).
 pub const SCRIPT: &str = r#"
@@ -111,14 +113,6 @@ impl Bucket {
             shadow: c.shadow,
         }
     }
-
-    /// Whether `other` is the same bucket under the same limit (its cost aside).
-    fn same_bucket(&self, other: &Bucket) -> bool {
-        (Arc::ptr_eq(&self.key, &other.key) || self.key == other.key)
-            && self.interval_us == other.interval_us
-            && self.burst == other.burst
-            && self.shadow == other.shadow
-    }
 }
 
 /// Requests in a row with the same buckets and costs.
@@ -139,6 +133,10 @@ pub struct Plan<'a> {
     tat_of: Vec<usize>,
     runs: Vec<Run>,
     requests: usize,
+    /// Where each bucket (key and limit) and each key first stand in `buckets`: a batch of
+    /// many accounts has up to 512 buckets, which a scan would compare pairwise.
+    bucket_at: FastMap<(&'a str, u64, u64, bool), usize>,
+    key_at: FastMap<&'a str, usize>,
 }
 
 impl<'a> Plan<'a> {
@@ -152,6 +150,8 @@ impl<'a> Plan<'a> {
             tat_of: Vec::new(),
             runs: Vec::new(),
             requests: 0,
+            bucket_at: FastMap::default(),
+            key_at: FastMap::default(),
         };
         let mut shape = Vec::new();
         for request in requests {
@@ -173,17 +173,17 @@ impl<'a> Plan<'a> {
     }
 
     fn index(&mut self, b: &'a Bucket) -> usize {
-        if let Some(i) = self.buckets.iter().position(|x| x.same_bucket(b)) {
-            return i;
+        let next = self.buckets.len();
+        let at = *self
+            .bucket_at
+            .entry((&*b.key, b.interval_us, b.burst, b.shadow))
+            .or_insert(next);
+        if at == next {
+            self.buckets.push(b);
+            self.tat_of
+                .push(*self.key_at.entry(&*b.key).or_insert(next));
         }
-        let key_of = self
-            .buckets
-            .iter()
-            .position(|x| x.key == b.key)
-            .unwrap_or(self.buckets.len());
-        self.buckets.push(b);
-        self.tat_of.push(key_of);
-        self.buckets.len() - 1
+        at
     }
 
     /// The `EVALSHA` of the script (by `sha`) for this batch.
@@ -355,6 +355,29 @@ mod tests {
             "EVALSHA sha 2 tg:{x}:api tg:{x}:key 1000 10 0 2000 5 0 \
              3 2 1 1 2 1 1 1 1 3 1 2 1 1 2 1"
         );
+    }
+
+    /// 64 requests of 8 accounts each, every account twice: 256 buckets, each sent once and
+    /// following its own TAT.
+    #[test]
+    fn a_batch_of_many_accounts_sends_each_bucket_once() {
+        let requests: Vec<Vec<Bucket>> = (0..64)
+            .map(|r| {
+                (0..8)
+                    .map(|b| bucket(&format!("tg:{{a{}}}:api", (r * 8 + b) % 256), 1000, 10, 1))
+                    .collect()
+            })
+            .collect();
+        let plan = Plan::new(requests.iter().map(|r| &r[..]));
+        assert_eq!(plan.buckets.len(), 256);
+        assert_eq!(plan.tat_of, (0..256).collect::<Vec<usize>>());
+        assert_eq!(plan.runs.len(), 64);
+        assert_eq!(plan.runs[32].shape[0], (0, 1));
+        // Every bucket full at the start: the second time round each one has 8 left.
+        let answer = format!("5000000,{}{}", "0,".repeat(256), "1".repeat(64));
+        let out = plan.outcomes(&answer).unwrap();
+        assert_eq!(out[0][0].remaining, 9);
+        assert_eq!(out[63][7].remaining, 8);
     }
 
     #[test]

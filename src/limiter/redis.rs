@@ -75,8 +75,9 @@ const CALLS_IN_FLIGHT: usize = 1;
 const CLUSTER_CALLS_IN_FLIGHT: usize = 2;
 /// The batcher's passes through the runtime, past the first, while requests keep queueing.
 const EXTRA_PASSES: usize = 3;
-/// Requests that may wait for a call: eight full batches, so a request waits at most about eight
-/// calls' time before its own (four on a cluster). Past it, Redis is not keeping up, and the failure policy decides.
+/// Requests that may wait for a call: eight full batches, so a request waits at most about
+/// eight calls' time before its own (four on a cluster). Past it, Redis is not keeping up, and
+/// the failure policy decides.
 const QUEUE_LIMIT: usize = 8 * BATCH_REQUESTS;
 
 #[derive(Clone)]

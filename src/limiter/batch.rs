@@ -94,7 +94,7 @@ return string.format('%d', now) .. ',' .. table.concat(first, ',') .. ',' .. tab
 "#;
 
 /// One bucket of a queued request, as the script takes it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Bucket {
     pub key: Arc<str>,
     pub interval_us: u64,

@@ -42,14 +42,19 @@ async fn dispatch(
         Target::Account { account, rest } => cloud::account_route(req.method(), &account, &rest),
         Target::Workspace { workspace, rest } if websocket::is_upgrade(&req) => {
             // Boxed, here and below: rare or large futures stay out of the REST path's future,
-            // which is moved on every request.
-            Box::pin(websocket::bridge(gw.clone(), req, workspace, rest)).await
+            // which is moved on every request. The box is bound by `let`: a temporary lives to
+            // the end of its statement, so in `Box::pin(f).await` the unboxed future would keep
+            // its room in this future's state across the await (it made this one 5 KB).
+            let bridge = Box::pin(websocket::bridge(gw.clone(), req, workspace, rest));
+            bridge.await
         }
         Target::Workspace { workspace, rest } => {
-            Box::pin(proxy::forward(gw, req, &workspace.upstream, &rest)).await
+            let forward = Box::pin(proxy::forward(gw, req, &workspace.upstream, &rest));
+            forward.await
         }
         Target::Grpc { .. } | Target::GrpcPassthrough { .. } | Target::GrpcDiscovery => {
-            Ok(Box::pin(grpc.call(req)).await)
+            let call = Box::pin(grpc.call(req));
+            Ok(call.await)
         }
     }
 }

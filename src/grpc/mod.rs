@@ -219,7 +219,8 @@ impl Front {
             Some(Err(e)) => return e.render(protocol),
         };
         if service_of(req.uri().path()) == "grpc.health.v1.Health" {
-            self.health.ensure().await;
+            let ensure = Box::pin(self.health.ensure());
+            ensure.await;
         }
         let host = crate::proxy::client_host(&req);
         req.extensions_mut().insert(CallContext { deadline, host });
@@ -229,19 +230,19 @@ impl Front {
             }
             return unary::serve(&self.dispatch.0.gw, req, self.message_limit).await;
         }
-        let resp = if protocol == Protocol::GrpcWeb {
-            self.web
-                .clone()
-                .oneshot(req)
-                .await
-                .map(|r| r.map(Body::new))
-        } else {
-            self.dispatch
-                .clone()
-                .oneshot(req.map(tonic::body::Body::new))
-                .await
-        };
-        match resp {
+        // Boxed: tonic's futures are large, and this future is moved on every unary call.
+        let tonic: BoxFuture<'static, Result<Response, Infallible>> =
+            if protocol == Protocol::GrpcWeb {
+                let web = self.web.clone().oneshot(req);
+                Box::pin(async move { web.await.map(|r| r.map(Body::new)) })
+            } else {
+                Box::pin(
+                    self.dispatch
+                        .clone()
+                        .oneshot(req.map(tonic::body::Body::new)),
+                )
+            };
+        match tonic.await {
             Ok(r) => r,
             Err(never) => match never {},
         }

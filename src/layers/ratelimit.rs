@@ -91,7 +91,8 @@ impl RateLimit {
         let upgrade = websocket::is_upgrade(&req);
         let protocol = Protocol::of(&req);
         let (req, logs) = if is_logs_post(&req) {
-            match Box::pin(count_log_entries(req)).await {
+            let counted = Box::pin(count_log_entries(req));
+            match counted.await {
                 Ok(r) => r,
                 Err(e) => return Admitted::Refused(e.render(protocol)),
             }

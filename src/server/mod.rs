@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::gateway::Gateway;
 use crate::layers::ClientAddr;
+use crate::limiter::BoxFuture;
 use crate::middleware::Handle;
 use crate::{admin, shutdown, stack, Body};
 
@@ -115,7 +116,10 @@ async fn connection<H: Handle>(
         let mut req = req.map(Body::new);
         req.extensions_mut().insert(client.clone());
         let svc = svc.clone();
-        async move { Ok::<_, Infallible>(svc.handle(req).await) }
+        // Boxed: hyper moves the service's future into each h2 stream's task and through the
+        // task's stages (five copies a call); the stack's future is 2 KB, a box is 16 bytes.
+        Box::pin(async move { Ok::<_, Infallible>(svc.handle(req).await) })
+            as BoxFuture<'static, Result<crate::Response, Infallible>>
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), hyper_svc);
     let mut conn = std::pin::pin!(conn);

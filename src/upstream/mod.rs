@@ -238,7 +238,9 @@ impl UpstreamClient {
                 Err(failed) => match replay {
                     Some(copy) if failed.error.closed_before_answer() => {
                         self.inner.replayed.fetch_add(1, Ordering::Relaxed);
-                        return Box::pin(self.fresh(&host, copy)).await;
+                        // Bound first, so the unboxed future takes no room here.
+                        let fresh = Box::pin(self.fresh(&host, copy));
+                        return fresh.await;
                     }
                     _ => return Err(UpstreamError::Exchange(failed.error)),
                 },
@@ -253,8 +255,10 @@ impl UpstreamClient {
         host: &Arc<Host>,
         req: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
-        // Boxed: a connect is rare, and its future is large.
-        let conn = Box::pin(self.connect(&host.authority)).await?;
+        // Boxed: a connect is rare, and its future is large (bound by `let`, so the unboxed
+        // future takes no room in this one's state).
+        let connect = Box::pin(self.connect(&host.authority));
+        let conn = connect.await?;
         h1::exchange(conn, req, host)
             .await
             .map_err(|failed| UpstreamError::Exchange(failed.error))

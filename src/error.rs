@@ -29,13 +29,13 @@ impl Protocol {
     }
 
     pub fn of_headers(headers: &HeaderMap) -> Protocol {
+        // Compared as bytes: the stack asks on every layer, and `to_str` checks every byte.
         let ct = headers
             .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if ct.starts_with("application/grpc-web") {
+            .map_or(&b""[..], |v| v.as_bytes());
+        if ct.starts_with(b"application/grpc-web") {
             Protocol::GrpcWeb
-        } else if ct.starts_with("application/grpc") {
+        } else if ct.starts_with(b"application/grpc") {
             Protocol::Grpc
         } else {
             Protocol::Http

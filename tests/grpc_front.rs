@@ -172,6 +172,73 @@ async fn the_workspace_comes_from_metadata_by_id_or_handle_or_the_keys_only_work
 }
 
 #[tokio::test]
+async fn transcoded_calls_are_framed_by_their_bodies() {
+    let (up, gw) = setup(Fixture::new("")).await;
+    let mut flows = FlowsClient::new(channel(gw.addr).await);
+    flows
+        .read(authed(read(FLOW_ID), KEY, Some(WS_A)))
+        .await
+        .expect("read");
+    let _ = flows
+        .create(authed(
+            pb::CreateFlowRequest {
+                name: "framed".into(),
+                ..Default::default()
+            },
+            KEY,
+            Some(WS_A),
+        ))
+        .await;
+    let mut rest = RestClient::new(channel(gw.addr).await);
+    rest.call(authed(
+        pb::RestRequest {
+            method: "POST".into(),
+            path: "flows/filter".into(),
+            query: String::new(),
+            body: None,
+        },
+        KEY,
+        Some(WS_A),
+    ))
+    .await
+    .expect("bodiless POST");
+
+    let seen = calls(&up);
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let (get, post, bodiless) = (&seen[0], &seen[1], &seen[2]);
+    assert_eq!(get.method, "GET");
+    assert!(get.body.is_empty());
+    assert!(
+        matches!(get.header("content-length").as_deref(), None | Some("0")),
+        "{:?}",
+        get.headers
+    );
+    assert_eq!(get.header("transfer-encoding"), None);
+
+    assert_eq!(post.method, "POST");
+    let body: serde_json::Value = serde_json::from_slice(&post.body).expect("a JSON body");
+    assert_eq!(body["name"], "framed");
+    assert_eq!(
+        post.header("content-length"),
+        Some(post.body.len().to_string()),
+        "the body is framed by its length, not chunked"
+    );
+    assert_eq!(post.header("transfer-encoding"), None);
+    assert_eq!(
+        post.header("content-type").as_deref(),
+        Some("application/json")
+    );
+
+    assert_eq!(bodiless.method, "POST");
+    assert!(bodiless.body.is_empty());
+    assert_eq!(
+        bodiless.header("content-length").as_deref(),
+        Some("0"),
+        "a bodiless POST says so"
+    );
+}
+
+#[tokio::test]
 async fn upstream_errors_map_to_grpc_codes() {
     let (_up, gw) = setup(Fixture::new("")).await;
     let mut flows = FlowsClient::new(channel(gw.addr).await);

@@ -96,8 +96,9 @@ impl Call {
             .origin_uri_for(rest, query)
             .map_err(|e| GatewayError::BadRequest(format!("cannot build the upstream URI: {e}")))?;
         let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let mut headers = self.headers.clone();
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        // No Content-Length here: the upstream client frames the body by its exact size, and a
+        // bodiless POST still gets `content-length: 0` (an insert grew the cloned map).
+        let headers = self.headers.clone();
         let mut req = http::Request::new(Body::from(bytes));
         *req.method_mut() = method;
         *req.uri_mut() = uri;

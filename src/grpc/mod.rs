@@ -251,6 +251,10 @@ impl Front {
 
 /// The local services speak protobuf only: the refusal of any other content-type.
 fn unless_protobuf(headers: &http::HeaderMap) -> Option<Response> {
+    let exact = headers.get(header::CONTENT_TYPE).map(|v| v.as_bytes());
+    if matches!(exact, Some(b"application/grpc" | b"application/grpc+proto")) {
+        return None;
+    }
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

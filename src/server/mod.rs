@@ -7,6 +7,7 @@
 //! to hyper with the bytes read so far.
 
 mod h1;
+mod h2;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,11 +29,15 @@ use crate::{admin, shutdown, stack, Body};
 /// After the deadline, how long closing websockets get to say goodbye.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
+/// hyper's own read buffer bounds the head well above our limit, so the limits layer can
+/// answer an oversized head with a JSON 431 instead of a dropped connection.
+fn head_limit(gw: &Gateway) -> usize {
+    (gw.settings.header_limit as usize * 2).max(16 * 1024)
+}
+
 fn builder(gw: &Gateway) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    // hyper's own read buffer bounds the head well above our limit, so the limits layer can
-    // answer an oversized head with a JSON 431 instead of a dropped connection.
-    let head = (gw.settings.header_limit as usize * 2).max(16 * 1024);
+    let head = head_limit(gw);
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(h1::HEAD_TIMEOUT)
@@ -54,6 +59,7 @@ pub async fn run(gw: Arc<Gateway>, main: TcpListener, admin: TcpListener) -> any
     let conns = TaskTracker::new();
     let svc = Arc::new(stack::main_service(gw.clone()));
     let builder = Arc::new(builder(&gw));
+    let max_header_list = head_limit(&gw) as u32;
     loop {
         tokio::select! {
             accepted = main.accept() => {
@@ -67,7 +73,7 @@ pub async fn run(gw: Arc<Gateway>, main: TcpListener, admin: TcpListener) -> any
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                conns.spawn(connection(tcp, peer, svc.clone(), builder.clone(), gw.shutdown.draining.clone()));
+                conns.spawn(connection(tcp, peer, svc.clone(), builder.clone(), max_header_list, gw.shutdown.draining.clone()));
             }
             _ = hangup.recv() => match gw.reload() {
                 Ok(()) => tracing::info!("config reloaded: accounts, plans, workspaces and keys"),
@@ -105,11 +111,17 @@ async fn connection<H: Handle>(
     peer: SocketAddr,
     svc: Arc<H>,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    max_header_list: u32,
     draining: tokio_util::sync::CancellationToken,
 ) {
     let client = ClientAddr::new(peer);
     let io = match h1::serve(tcp, &*svc, &client, &draining).await {
         h1::End::Closed => return,
+        h1::End::Fallback(tcp, prefix) if prefix.starts_with(h2::PREFACE) => {
+            let io = h1::Prefixed::new(tcp, prefix);
+            h2::serve(io, &*svc, &client, max_header_list, &draining).await;
+            return;
+        }
         h1::End::Fallback(tcp, prefix) => h1::Prefixed::new(tcp, prefix),
     };
     let hyper_svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {

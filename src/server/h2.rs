@@ -1,0 +1,267 @@
+//! The main port's HTTP/2 (h2c) connections, driven with the h2 crate directly: every stream
+//! runs the stack inside the connection's own task, as the HTTP/1.1 path does.
+//!
+//! hyper's h2 server spawned a task for each stream, moved the stack's future into it and
+//! through its stages, and wrapped both bodies; for a unary gRPC call that was a tenth of the
+//! call's instructions. Here a stream is one future in the connection's set: polled when it is
+//! woken, dropped (and its upstream call with it) when the client resets it.
+//!
+//! It keeps what hyper's server did: the same windows and limits, connection-specific headers
+//! stripped from answers, a `date` on every answer that is not gRPC (gRPC servers send none),
+//! `content-length` from a body of known size, request bodies that hand their flow-control
+//! capacity back as they are read, answer bodies sent as the peer's window allows, trailers
+//! both ways, and on shutdown a GOAWAY that lets the streams in flight finish.
+//!
+//! As in Envoy and nginx, a connection's streams share its task, so one connection is served
+//! on one core at a time; clients spread over cores by opening several connections.
+
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use h2::server::SendResponse;
+use h2::{Reason, RecvStream, SendStream};
+use http::header;
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Protocol;
+use crate::layers::ClientAddr;
+use crate::middleware::Handle;
+use crate::{Body, Request};
+
+/// The client connection preface: a connection that starts with it speaks HTTP/2.
+pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// hyper's defaults, which this server had before.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 1024 * 1024;
+const MAX_SEND_BUFFER: usize = 400 * 1024;
+const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+/// Serves one h2c connection until the peer closes it, or until it drains after `draining`.
+pub async fn serve<T, H>(
+    io: T,
+    svc: &H,
+    client: &ClientAddr,
+    max_header_list: u32,
+    draining: &CancellationToken,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+    H: Handle,
+{
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(max_header_list)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .handshake::<_, Bytes>(io);
+    let mut conn = tokio::select! {
+        c = handshake => match c {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "h2 handshake failed");
+                return;
+            }
+        },
+        _ = draining.cancelled() => return,
+    };
+    let mut streams = FuturesUnordered::new();
+    let mut goaway_sent = false;
+    loop {
+        tokio::select! {
+            biased;
+            Some(()) = streams.next(), if !streams.is_empty() => {}
+            accepted = conn.accept() => match accepted {
+                Some(Ok((req, respond))) => streams.push(stream(svc, client, req, respond)),
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "h2 connection ended with an error");
+                    break;
+                }
+                // Closed, or drained after a GOAWAY: no stream is left.
+                None => break,
+            },
+            _ = draining.cancelled(), if !goaway_sent => {
+                // Finish what is in flight, then close (an idle connection closes at once).
+                conn.graceful_shutdown();
+                goaway_sent = true;
+            }
+        }
+    }
+}
+
+/// One stream: the stack's answer, then its body, unless the client resets the stream first.
+async fn stream<H: Handle>(
+    svc: &H,
+    client: &ClientAddr,
+    req: http::Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let (parts, recv) = req.into_parts();
+    let length = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut req = Request::from_parts(parts, Body::new(Incoming { recv, length }));
+    let grpc = Protocol::of(&req).is_grpc();
+    req.extensions_mut().insert(client.clone());
+    let resp = {
+        let mut answer = pin!(svc.handle(req));
+        let answered = poll_fn(|cx| {
+            if let Poll::Ready(resp) = answer.as_mut().poll(cx) {
+                return Poll::Ready(Some(resp));
+            }
+            match respond.poll_reset(cx) {
+                Poll::Ready(_) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        });
+        match answered.await {
+            Some(resp) => resp,
+            // The client gave up on the stream: its request, and its upstream call, go too.
+            None => return,
+        }
+    };
+    let (mut head, body) = resp.into_parts();
+    // HTTP/1.1's connection-specific fields, which HTTP/2 forbids (RFC 9113, 8.2.2).
+    crate::proxy::strip_hop_by_hop(&mut head.headers);
+    if !grpc && !head.headers.contains_key(header::DATE) {
+        head.headers.insert(header::DATE, super::h1::date_value());
+    }
+    let end = body.is_end_stream();
+    if !end {
+        if let Some(n) = body.size_hint().exact() {
+            if !head.headers.contains_key(header::CONTENT_LENGTH) {
+                head.headers.insert(header::CONTENT_LENGTH, n.into());
+            }
+        }
+    }
+    let send = match respond.send_response(http::Response::from_parts(head, ()), end) {
+        Ok(send) => send,
+        Err(e) => {
+            tracing::debug!(error = %e, "h2 answer head not sent");
+            return;
+        }
+    };
+    if !end {
+        pipe(body, send).await;
+    }
+}
+
+/// Sends an answer body as the peer's flow-control window allows: data, then trailers.
+async fn pipe(body: Body, mut send: SendStream<Bytes>) {
+    let mut body = pin!(body);
+    loop {
+        let frame = poll_fn(|cx| {
+            // The client may reset the stream while the body waits for data.
+            if let Poll::Ready(reason) = send.poll_reset(cx) {
+                return Poll::Ready(Err(reason.ok()));
+            }
+            body.as_mut().poll_frame(cx).map(Ok)
+        })
+        .await;
+        let frame = match frame {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => {
+                let _ = send.send_data(Bytes::new(), true);
+                return;
+            }
+            Ok(Some(Err(e))) => {
+                // The body broke off (an upstream that closed mid-answer): the client must
+                // not take what it got for the whole answer.
+                tracing::debug!(error = %e, "h2 answer body broke off");
+                send.send_reset(Reason::INTERNAL_ERROR);
+                return;
+            }
+            Err(_) => return,
+        };
+        let end = body.is_end_stream();
+        match frame.into_data() {
+            Ok(data) => {
+                if send_data(&mut send, data, end).await.is_err() || end {
+                    return;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = send.send_trailers(trailers);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sends one chunk, in as many pieces as the peer's window grants.
+async fn send_data(send: &mut SendStream<Bytes>, mut data: Bytes, end: bool) -> Result<(), ()> {
+    if data.is_empty() {
+        if end {
+            send.send_data(data, true).map_err(|_| ())?;
+        }
+        return Ok(());
+    }
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let granted = poll_fn(|cx| send.poll_capacity(cx)).await;
+        let n = match granted {
+            Some(Ok(n)) if n > 0 => n.min(data.len()),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return Err(()),
+        };
+        let piece = data.split_to(n);
+        send.send_data(piece, end && data.is_empty())
+            .map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+/// A request body from an h2 stream: each chunk's window is handed back as it is read.
+struct Incoming {
+    recv: RecvStream,
+    length: Option<u64>,
+}
+
+impl http_body::Body for Incoming {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        match self.recv.poll_data(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                let _ = self.recv.flow_control().release_capacity(data.len());
+                if let Some(left) = self.length.as_mut() {
+                    *left = left.saturating_sub(data.remaining() as u64);
+                }
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => {}
+            Poll::Pending => return Poll::Pending,
+        }
+        match self.recv.poll_trailers(cx) {
+            Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Poll::Ready(Ok(None)) => Poll::Ready(None),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.length {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}

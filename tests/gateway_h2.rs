@@ -1,0 +1,260 @@
+//! The main port's own HTTP/2 path (`src/server/h2.rs`) on the wire, with the h2 crate as the
+//! client so windows and resets are under the test's control: REST answers over h2c, bodies
+//! larger than every window in both directions, a reset stream that takes its upstream call
+//! with it while the connection carries on, and shutdown with a stream in flight.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::fixture::*;
+use common::gateway::Gateway;
+use common::upstream::{Behaviour, TestUpstream};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+
+type Sender = h2::client::SendRequest<Bytes>;
+
+/// An h2c connection to the gateway with a small receive window (64 KiB less one: the
+/// protocol's default), so any answer above it needs WINDOW_UPDATEs to arrive.
+async fn connect(gw: &Gateway) -> Sender {
+    let tcp = TcpStream::connect(gw.addr).await.expect("connect");
+    tcp.set_nodelay(true).unwrap();
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2c handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
+fn request(method: &str, rest: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method(method)
+        .uri(format!("http://gw{}", ws_path(rest)))
+        .header("authorization", bearer(KEY))
+        .body(())
+        .unwrap()
+}
+
+/// Sends `body` (in 16 KiB pieces, as the window allows) and reads the whole answer, handing
+/// each piece's window back as it is read.
+async fn exchange(
+    send: &mut Sender,
+    req: http::Request<()>,
+    body: &[u8],
+) -> (http::response::Parts, Vec<u8>) {
+    let mut send = send.clone().ready().await.expect("ready");
+    let (resp, mut stream) = send.send_request(req, body.is_empty()).expect("send");
+    if !body.is_empty() {
+        for piece in body.chunks(16 * 1024) {
+            stream.reserve_capacity(piece.len());
+            let mut left = Bytes::copy_from_slice(piece);
+            while !left.is_empty() {
+                let n = std::future::poll_fn(|cx| stream.poll_capacity(cx))
+                    .await
+                    .expect("capacity")
+                    .expect("capacity");
+                let now = left.split_to(n.min(left.len()));
+                stream.send_data(now, false).expect("data");
+            }
+        }
+        stream.send_data(Bytes::new(), true).expect("end");
+    }
+    let resp = tokio::time::timeout(Duration::from_secs(20), resp)
+        .await
+        .expect("an answer within 20 s")
+        .expect("an answer");
+    let (parts, mut recv) = resp.into_parts();
+    let mut got = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(20), recv.data())
+        .await
+        .expect("body data within 20 s")
+    {
+        let chunk = chunk.expect("a body that does not break off");
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    (parts, got)
+}
+
+#[tokio::test]
+async fn a_rest_answer_over_h2c_is_the_http1_answer_less_connection_headers() {
+    let up = TestUpstream::start(Behaviour::status(
+        200,
+        &[
+            ("content-type", "application/json"),
+            ("connection", "keep-alive, x-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-hop", "named by connection"),
+            ("x-kept", "yes"),
+        ],
+        r#"{"ok":true}"#,
+    ))
+    .await;
+    let gw = Gateway::start(&Fixture::new(&up.url()).toml());
+    let mut send = connect(&gw).await;
+    let (head, body) = exchange(&mut send, request("GET", "flows/"), b"").await;
+    assert_eq!(head.status, 200);
+    assert_eq!(body, br#"{"ok":true}"#);
+    assert_eq!(head.headers["x-kept"], "yes");
+    for gone in ["connection", "keep-alive", "x-hop"] {
+        assert!(
+            !head.headers.contains_key(gone),
+            "{gone}: {:?}",
+            head.headers
+        );
+    }
+    for kept in ["date", "x-request-id", "ratelimit", "content-length"] {
+        assert!(
+            head.headers.contains_key(kept),
+            "{kept}: {:?}",
+            head.headers
+        );
+    }
+
+    // The gateway's own answers too: a missing key is the JSON 401, over h2 as over HTTP/1.1.
+    let unauthenticated = http::Request::get(format!("http://gw{}", ws_path("flows/")))
+        .body(())
+        .unwrap();
+    let (head, body) = exchange(&mut send, unauthenticated, b"").await;
+    assert_eq!(head.status, 401);
+    assert!(head.headers.contains_key("date"));
+    let detail: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert!(detail["detail"].is_string(), "{detail}");
+}
+
+#[tokio::test]
+async fn bodies_larger_than_every_window_cross_whole_both_ways() {
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    let gw = Gateway::start(&Fixture::new(&up.url()).toml());
+    let mut send = connect(&gw).await;
+    // 3 MiB: above the gateway's 1 MiB receive windows and the client's 64 KiB ones, below
+    // the body limit (5 MiB).
+    let sent: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let mut post = request("POST", "flows/filter");
+    // Declared, as the gateway requires of a REST body (411 otherwise), over h2 as over 1.1.
+    post.headers_mut()
+        .insert("content-length", sent.len().to_string().parse().unwrap());
+    let (head, echoed) = exchange(&mut send, post, &sent).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(echoed.len(), sent.len());
+    assert!(echoed == sent, "the echoed body differs from the one sent");
+    assert_eq!(
+        up.single_request().body.len(),
+        sent.len(),
+        "the upstream got the whole body"
+    );
+}
+
+/// An upstream that reports each request head it reads, and each connection that closes.
+async fn watching_upstream() -> (u16, tokio::sync::mpsc::Receiver<&'static str>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => {
+                            let _ = tx.send("closed").await;
+                            return;
+                        }
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        buf.clear();
+                        let _ = tx.send("request").await;
+                    }
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[tokio::test]
+async fn a_reset_stream_drops_its_upstream_call_and_the_connection_carries_on() {
+    let (port, mut events) = watching_upstream().await;
+    let gw = Gateway::start(&Fixture::new(&format!("http://127.0.0.1:{port}")).toml());
+    let mut send = connect(&gw).await;
+    let mut ready = send.clone().ready().await.expect("ready");
+    let (resp, _stream) = ready
+        .send_request(request("GET", "flows/slow"), true)
+        .expect("send");
+    let next = tokio::time::timeout(Duration::from_secs(10), events.recv()).await;
+    assert_eq!(next.ok().flatten(), Some("request"));
+    // Dropping the answer's future resets the stream (RST_STREAM CANCEL).
+    drop(resp);
+    drop(_stream);
+    // Without the reset being seen, the gateway would wait out its upstream timeout (60 s).
+    let next = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+    assert_eq!(
+        next.ok().flatten(),
+        Some("closed"),
+        "the gateway kept the upstream call of a stream the client had reset"
+    );
+
+    // The connection itself is still good: a stream the upstream does not answer is refused by
+    // its deadline, not by a broken connection. The 401 needs no upstream at all.
+    let no_key = http::Request::get(format!("http://gw{}", ws_path("flows/")))
+        .body(())
+        .unwrap();
+    let (head, _) = exchange(&mut send, no_key, b"").await;
+    assert_eq!(head.status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_a_stream_in_flight_finish_and_takes_no_new_ones() {
+    let up = TestUpstream::start(Behaviour::Sleep(Duration::from_millis(1500))).await;
+    let gw = Gateway::start(&Fixture::new(&up.url()).toml());
+    let send = connect(&gw).await;
+    let mut ready = send.clone().ready().await.expect("ready");
+    let (resp, _stream) = ready
+        .send_request(request("GET", "flows/slow"), true)
+        .expect("send");
+    up.wait_for_requests(1, Duration::from_secs(10)).await;
+    let signalled = Instant::now();
+    gw.signal("TERM");
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("the stream in flight is answered")
+        .expect("an answer, not a reset");
+    assert_eq!(resp.status(), 200);
+    let mut recv = resp.into_body();
+    let mut body = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        body.extend_from_slice(&chunk.expect("the whole body"));
+    }
+    assert_eq!(body, b"slept");
+
+    // After the GOAWAY the connection takes no new stream.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = match send.clone().ready().await {
+        Err(_) => true,
+        Ok(mut s) => match s.send_request(request("GET", "flows/"), true) {
+            Err(_) => true,
+            Ok((resp, _)) => tokio::time::timeout(Duration::from_secs(5), resp)
+                .await
+                .is_ok_and(|r| r.is_err()),
+        },
+    };
+    assert!(refused, "a new stream was served after shutdown began");
+    let status = tokio::task::spawn_blocking(move || {
+        let mut gw = gw;
+        gw.wait_exit(Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(signalled.elapsed() < Duration::from_secs(10));
+}

@@ -3,8 +3,10 @@
 //! requests and websockets finish until the deadline, close what is left, return.
 //!
 //! A main-port connection starts on the gateway's own HTTP/1.1 path (`h1`), which serves the
-//! plain requests; whatever it does not take (h2c, upgrades, streamed bodies, odd heads) goes
-//! to hyper with the bytes read so far.
+//! plain requests. One that opens with the HTTP/2 preface goes to the gateway's own h2 path
+//! (`h2`); whatever else the fast path does not take (upgrades, streamed bodies, odd heads)
+//! goes to hyper with the bytes read so far (hyper also still takes h2c whose preface came in
+//! pieces).
 
 mod h1;
 mod h2;

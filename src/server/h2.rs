@@ -3,8 +3,9 @@
 //!
 //! hyper's h2 server spawned a task for each stream, moved the stack's future into it and
 //! through its stages, and wrapped both bodies; for a unary gRPC call that was a tenth of the
-//! call's instructions. Here a stream is one future in the connection's set: polled when it is
-//! woken, dropped (and its upstream call with it) when the client resets it.
+//! call's CPU time (4% of its instructions: the rest was the scheduler and cache misses). Here
+//! a stream is one future in the connection's set: polled when it is woken, dropped (and its
+//! upstream call with it) when the client resets it.
 //!
 //! It keeps what hyper's server did: the same windows and limits, connection-specific headers
 //! stripped from answers, a `date` on every answer that is not gRPC (gRPC servers send none),

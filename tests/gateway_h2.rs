@@ -11,8 +11,7 @@ use bytes::Bytes;
 use common::fixture::*;
 use common::gateway::Gateway;
 use common::upstream::{Behaviour, TestUpstream};
-use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 type Sender = h2::client::SendRequest<Bytes>;
 
@@ -152,39 +151,9 @@ async fn bodies_larger_than_every_window_cross_whole_both_ways() {
     );
 }
 
-/// An upstream that reports each request head it reads, and each connection that closes.
-async fn watching_upstream() -> (u16, tokio::sync::mpsc::Receiver<&'static str>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    match tcp.read(&mut chunk).await {
-                        Ok(0) | Err(_) => {
-                            let _ = tx.send("closed").await;
-                            return;
-                        }
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        buf.clear();
-                        let _ = tx.send("request").await;
-                    }
-                }
-            });
-        }
-    });
-    (port, rx)
-}
-
 #[tokio::test]
 async fn a_reset_stream_drops_its_upstream_call_and_the_connection_carries_on() {
-    let (port, mut events) = watching_upstream().await;
+    let (port, mut events) = common::upstream::watching().await;
     let gw = Gateway::start(&Fixture::new(&format!("http://127.0.0.1:{port}")).toml());
     let mut send = connect(&gw).await;
     let mut ready = send.clone().ready().await.expect("ready");

@@ -11,7 +11,7 @@ use common::fixture::*;
 use common::gateway::Gateway;
 use common::upstream::{Behaviour, TestUpstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// One response read off a connection.
 #[derive(Debug)]
@@ -310,38 +310,9 @@ async fn a_chunked_body_after_fast_requests_is_still_refused_with_411() {
 
 /// An upstream that reads one request head, says so, then reports when the gateway closes
 /// that connection.
-async fn watching_upstream() -> (u16, tokio::sync::mpsc::Receiver<&'static str>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    match tcp.read(&mut chunk).await {
-                        Ok(0) | Err(_) => {
-                            let _ = tx.send("closed").await;
-                            return;
-                        }
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                    if find(&buf, b"\r\n\r\n").is_some() {
-                        buf.clear();
-                        let _ = tx.send("request").await;
-                    }
-                }
-            });
-        }
-    });
-    (port, rx)
-}
-
 #[tokio::test]
 async fn a_client_that_leaves_mid_request_has_its_upstream_call_dropped() {
-    let (port, mut events) = watching_upstream().await;
+    let (port, mut events) = common::upstream::watching().await;
     let gw = Gateway::start(&Fixture::new(&format!("http://127.0.0.1:{port}")).toml());
     let mut tcp = connect(&gw).await;
     tcp.write_all(get("flows/slow", "").as_bytes())

@@ -502,3 +502,36 @@ async fn serve_ws<S>(
     }
     update(&|s| s.closed = true);
 }
+
+/// A bare upstream that reports each request head it reads ("request") and each connection
+/// that closes ("closed"), and never answers: for tests of what the gateway does with an
+/// upstream call whose client has gone. Its port, and the reports.
+pub async fn watching() -> (u16, tokio::sync::mpsc::Receiver<&'static str>) {
+    use tokio::io::AsyncReadExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => {
+                            let _ = tx.send("closed").await;
+                            return;
+                        }
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        buf.clear();
+                        let _ = tx.send("request").await;
+                    }
+                }
+            });
+        }
+    });
+    (port, rx)
+}

@@ -21,7 +21,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -497,31 +497,11 @@ fn hex_len(n: usize, out: &mut [u8; 16]) -> &[u8] {
 
 /// `date: <IMF-fixdate>`.
 fn push_date(out: &mut Vec<u8>) {
-    let date = date_value();
-    out.extend_from_slice(b"date: ");
-    out.extend_from_slice(date.as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
-/// The `date` value, formatted once a second per thread.
-pub fn date_value() -> http::HeaderValue {
-    use std::cell::RefCell;
-    thread_local! {
-        static DATE: RefCell<(u64, Option<http::HeaderValue>)> = const { RefCell::new((0, None)) };
-    }
-    let now = SystemTime::now();
-    let secs = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    DATE.with_borrow_mut(|(at, value)| {
-        if *at != secs || value.is_none() {
-            *at = secs;
-            *value = http::HeaderValue::from_str(&httpdate::fmt_http_date(now)).ok();
-        }
-        value
-            .clone()
-            .unwrap_or_else(|| http::HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"))
-    })
+    super::with_date(|date| {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(date);
+        out.extend_from_slice(b"\r\n");
+    });
 }
 
 /// The connection as hyper gets it: the bytes the fast path read, then the socket.

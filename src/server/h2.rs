@@ -132,7 +132,10 @@ async fn stream<H: Handle>(
     // HTTP/1.1's connection-specific fields, which HTTP/2 forbids (RFC 9113, 8.2.2).
     crate::proxy::strip_hop_by_hop(&mut head.headers);
     if !grpc && !head.headers.contains_key(header::DATE) {
-        head.headers.insert(header::DATE, super::h1::date_value());
+        let date = super::with_date(http::HeaderValue::from_bytes);
+        if let Ok(date) = date {
+            head.headers.insert(header::DATE, date);
+        }
     }
     let end = body.is_end_stream();
     if !end {

@@ -51,6 +51,26 @@ fn builder(gw: &Gateway) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// The `date` of an answer (IMF-fixdate), formatted once a second per thread; `f` sees it.
+fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
+    use std::cell::RefCell;
+    use std::time::SystemTime;
+    thread_local! {
+        static DATE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != secs || text.is_empty() {
+            *at = secs;
+            *text = httpdate::fmt_http_date(now);
+        }
+        f(text.as_bytes())
+    })
+}
+
 /// Serves the main and admin ports until a shutdown signal, then drains.
 pub async fn run(gw: Arc<Gateway>, main: TcpListener, admin: TcpListener) -> anyhow::Result<()> {
     let signal = shutdown::signal();

@@ -251,14 +251,14 @@ impl Front {
 
 /// The local services speak protobuf only: the refusal of any other content-type.
 fn unless_protobuf(headers: &http::HeaderMap) -> Option<Response> {
-    let exact = headers.get(header::CONTENT_TYPE).map(|v| v.as_bytes());
-    if matches!(exact, Some(b"application/grpc" | b"application/grpc+proto")) {
+    let value = headers.get(header::CONTENT_TYPE);
+    if matches!(
+        value.map(|v| v.as_bytes()),
+        Some(b"application/grpc" | b"application/grpc+proto")
+    ) {
         return None;
     }
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let ct = value.and_then(|v| v.to_str().ok()).unwrap_or("");
     let subtype = ct.split(';').next().unwrap_or("").trim();
     if subtype != "application/grpc" && subtype != "application/grpc+proto" {
         return Some(

@@ -166,25 +166,29 @@ where
     }
 }
 
-/// Reads exactly one length-prefixed message from a unary call's body.
+/// Reads exactly one length-prefixed message from a unary call's body. A call's message mostly
+/// comes in one DATA frame: that frame is kept as it came, and only a message split over
+/// frames is copied together.
 async fn read_message(mut body: Body, limit: usize) -> Result<Bytes, Status> {
+    let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     let mut want: Option<usize> = None;
     loop {
-        if want.is_none() {
-            want = frame_length(&buf, limit)?;
-            if let Some(w) = want {
-                buf.reserve(w.saturating_sub(buf.len()));
-            }
-        }
-        if want.is_some_and(|w| buf.len() > w) {
-            return Err(Status::internal(
-                "protocol error: more than one message in a unary call",
-            ));
-        }
         match body.frame().await {
             Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                if first.is_none() && buf.is_empty() {
+                    first = Some(data);
+                } else {
+                    if let Some(first) = first.take() {
+                        buf.reserve(want.unwrap_or(0).max(first.len() + data.len()));
+                        buf.extend_from_slice(&first);
+                    }
                     buf.extend_from_slice(&data);
                 }
             }
@@ -195,13 +199,23 @@ async fn read_message(mut body: Body, limit: usize) -> Result<Bytes, Status> {
             }
             None => break,
         }
-    }
-    match want {
-        None if buf.is_empty() => Err(Status::internal("Missing request message.")),
-        Some(w) if buf.len() == w => {
-            buf.advance(HEADER);
-            Ok(buf.freeze())
+        let seen: &[u8] = first.as_deref().unwrap_or(&buf);
+        if want.is_none() {
+            want = frame_length(seen, limit)?;
         }
+        if want.is_some_and(|w| seen.len() > w) {
+            return Err(Status::internal(
+                "protocol error: more than one message in a unary call",
+            ));
+        }
+    }
+    let seen = match first {
+        Some(first) => first,
+        None => buf.freeze(),
+    };
+    match want {
+        None if seen.is_empty() => Err(Status::internal("Missing request message.")),
+        Some(w) if seen.len() == w => Ok(seen.slice(HEADER..)),
         _ => Err(Status::internal(
             "protocol error: the request ended inside a message frame",
         )),
@@ -305,6 +319,63 @@ impl http_body::Body for OneMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body that arrives in the given pieces, each its own DATA frame.
+    fn pieces(parts: &[&[u8]]) -> Body {
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = parts
+            .iter()
+            .map(|p| Ok(Frame::data(Bytes::copy_from_slice(p))))
+            .collect();
+        Body::new(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )))
+    }
+
+    fn framed(message: &[u8]) -> Vec<u8> {
+        let mut f = vec![0];
+        f.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        f.extend_from_slice(message);
+        f
+    }
+
+    fn read(parts: &[&[u8]]) -> Result<Bytes, Status> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(read_message(pieces(parts), 1024))
+    }
+
+    #[test]
+    fn a_message_is_read_whole_however_its_frames_cut_it() {
+        let f = framed(b"hello, gateway");
+        assert_eq!(read(&[&f]).unwrap(), &b"hello, gateway"[..]);
+        // Cut inside the header, inside the message, and with empty frames between.
+        for cut in [1, 3, 5, 9, f.len() - 1] {
+            let (a, b) = f.split_at(cut);
+            assert_eq!(read(&[a, b]).unwrap(), &b"hello, gateway"[..], "cut at {cut}");
+            assert_eq!(read(&[b"", a, b"", b]).unwrap(), &b"hello, gateway"[..]);
+        }
+        let bytes: Vec<&[u8]> = f.chunks(1).collect();
+        assert_eq!(read(&bytes).unwrap(), &b"hello, gateway"[..]);
+        // An empty message is a message.
+        assert_eq!(read(&[&framed(b"")]).unwrap(), &b""[..]);
+    }
+
+    #[test]
+    fn a_body_that_is_not_one_message_is_refused() {
+        let f = framed(b"hello");
+        let message = |r: Result<Bytes, Status>| r.unwrap_err().message().to_string();
+        assert!(message(read(&[])).contains("Missing request message"));
+        assert!(message(read(&[&f[..3]])).contains("inside a message frame"));
+        assert!(message(read(&[&f[..f.len() - 1]])).contains("inside a message frame"));
+        let two = [f.clone(), f.clone()].concat();
+        assert!(message(read(&[&two])).contains("more than one message"));
+        assert!(message(read(&[&f, &f[..2]])).contains("more than one message"));
+        let mut big = framed(&[0; 2000]);
+        big.truncate(100);
+        let refused = read(&[&big]).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::OutOfRange);
+    }
 
     #[test]
     fn every_unary_method_of_the_protos_is_listed() {

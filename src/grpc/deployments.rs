@@ -44,12 +44,13 @@ impl DeploymentsService {
     ) -> Result<Response<pb::Deployment>, Status> {
         let call = Call::of(&self.0, &req)?;
         let id = call::id("id", &req.get_ref().id)?;
-        call.json(
-            Method::POST,
-            &format!("deployments/{id}/{action}"),
-            Some(&json!({})),
-        )
-        .await?;
+        call.clone()
+            .json(
+                Method::POST,
+                &format!("deployments/{id}/{action}"),
+                Some(&json!({})),
+            )
+            .await?;
         let v = call
             .json(Method::GET, &format!("deployments/{id}"), None)
             .await?;

@@ -72,6 +72,7 @@ async fn propose(
 ) -> Result<pb::SetStateResponse, Status> {
     let body = json!({ "state": state, "force": force });
     let v = call
+        .clone()
         .json(
             Method::POST,
             &format!("flow_runs/{id}/set_state"),
@@ -138,7 +139,8 @@ impl pb::flow_runs_server::FlowRuns for FlowRunsService {
         let call = Call::of(&self.0, &req)?;
         let id = call::id("id", &req.get_ref().id)?;
         let run = flow_run(
-            call.json(Method::GET, &format!("flow_runs/{id}"), None)
+            call.clone()
+                .json(Method::GET, &format!("flow_runs/{id}"), None)
                 .await?,
         );
         let current = run.state.map(|s| s.r#type).unwrap_or_default();
@@ -163,7 +165,7 @@ impl pb::flow_runs_server::FlowRuns for FlowRunsService {
         let period = call::poll_interval(r.poll_interval_ms);
         let path = format!("flow_runs/{id}");
         // The first read is made here, so an unknown run is NOT_FOUND before the stream opens.
-        let first = flow_run(call.json(Method::GET, &path, None).await?);
+        let first = flow_run(call.clone().json(Method::GET, &path, None).await?);
 
         struct Watch {
             call: Call,
@@ -191,7 +193,7 @@ impl pb::flow_runs_server::FlowRuns for FlowRunsService {
                             w.done = true;
                             return Some((Err(e), w));
                         }
-                        match w.call.json(Method::GET, &w.path, None).await {
+                        match w.call.clone().json(Method::GET, &w.path, None).await {
                             Ok(v) => flow_run(v),
                             // A busy or restarting upstream (503, unreachable) is polled again
                             // at the next interval: the watch ends only at the deadline.

@@ -93,6 +93,7 @@ impl Tail {
         let body = json!({ "logs": logs, "sort": "TIMESTAMP_ASC", "limit": PAGE });
         let v = self
             .call
+            .clone()
             .json(Method::POST, "logs/filter", Some(&body))
             .await?;
         let raw = list(v, |v| v);
@@ -123,6 +124,7 @@ impl Tail {
             let run_final = !last && {
                 match self
                     .call
+                    .clone()
                     .json(Method::GET, &format!("flow_runs/{}", self.flow_run), None)
                     .await
                 {
@@ -191,7 +193,8 @@ impl pb::logs_server::Logs for LogsService {
         let r = req.into_inner();
         let id = call::id("flow_run_id", &r.flow_run_id)?;
         // An unknown run is NOT_FOUND before the stream opens.
-        call.json(Method::GET, &format!("flow_runs/{id}"), None)
+        call.clone()
+            .json(Method::GET, &format!("flow_runs/{id}"), None)
             .await?;
         let tail = Tail {
             call,

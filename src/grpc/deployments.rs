@@ -47,12 +47,12 @@ impl DeploymentsService {
         call.clone()
             .json(
                 Method::POST,
-                &format!("deployments/{id}/{action}"),
+                &call::id_path("deployments/", id, &format!("/{action}")),
                 Some(&json!({})),
             )
             .await?;
         let v = call
-            .json(Method::GET, &format!("deployments/{id}"), None)
+            .json(Method::GET, &call::id_path("deployments/", id, ""), None)
             .await?;
         Ok(Response::new(deployment(v)))
     }
@@ -64,7 +64,7 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         let call = Call::of(&self.0, &req)?;
         let id = call::id("id", &req.get_ref().id)?;
         let v = call
-            .json(Method::GET, &format!("deployments/{id}"), None)
+            .json(Method::GET, &call::id_path("deployments/", id, ""), None)
             .await?;
         Ok(Response::new(deployment(v)))
     }
@@ -127,7 +127,7 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         let v = call
             .json(
                 Method::POST,
-                &format!("deployments/{id}/create_flow_run"),
+                &call::id_path("deployments/", id, "/create_flow_run"),
                 Some(&body.into_value()),
             )
             .await?;

@@ -75,7 +75,7 @@ async fn propose(
         .clone()
         .json(
             Method::POST,
-            &format!("flow_runs/{id}/set_state"),
+            &call::id_path("flow_runs/", id, "/set_state"),
             Some(&body),
         )
         .await?;
@@ -88,7 +88,7 @@ impl pb::flow_runs_server::FlowRuns for FlowRunsService {
         let call = Call::of(&self.0, &req)?;
         let id = call::id("id", &req.get_ref().id)?;
         let v = call
-            .json(Method::GET, &format!("flow_runs/{id}"), None)
+            .json(Method::GET, &call::id_path("flow_runs/", id, ""), None)
             .await?;
         Ok(Response::new(flow_run(v)))
     }
@@ -140,7 +140,7 @@ impl pb::flow_runs_server::FlowRuns for FlowRunsService {
         let id = call::id("id", &req.get_ref().id)?;
         let run = flow_run(
             call.clone()
-                .json(Method::GET, &format!("flow_runs/{id}"), None)
+                .json(Method::GET, &call::id_path("flow_runs/", id, ""), None)
                 .await?,
         );
         let current = run.state.map(|s| s.r#type).unwrap_or_default();
@@ -163,7 +163,7 @@ impl pb::flow_runs_server::FlowRuns for FlowRunsService {
         let r = req.into_inner();
         let id = call::id("id", &r.id)?;
         let period = call::poll_interval(r.poll_interval_ms);
-        let path = format!("flow_runs/{id}");
+        let path = call::id_path("flow_runs/", id, "");
         // The first read is made here, so an unknown run is NOT_FOUND before the stream opens.
         let first = flow_run(call.clone().json(Method::GET, &path, None).await?);
 

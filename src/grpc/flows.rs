@@ -65,7 +65,9 @@ impl pb::flows_server::Flows for FlowsService {
     async fn read(&self, req: Request<pb::IdRequest>) -> Result<Response<pb::Flow>, Status> {
         let call = Call::of(&self.0, &req)?;
         let id = call::id("id", &req.get_ref().id)?;
-        let v = call.json(Method::GET, &format!("flows/{id}"), None).await?;
+        let v = call
+            .json(Method::GET, &call::id_path("flows/", id, ""), None)
+            .await?;
         Ok(Response::new(flow(v)))
     }
 

@@ -125,7 +125,11 @@ impl Tail {
                 match self
                     .call
                     .clone()
-                    .json(Method::GET, &format!("flow_runs/{}", self.flow_run), None)
+                    .json(
+                        Method::GET,
+                        &call::id_path("flow_runs/", self.flow_run, ""),
+                        None,
+                    )
                     .await
                 {
                     Ok(v) => flow_run(v).state.is_some_and(|s| is_final(&s.r#type)),
@@ -194,7 +198,7 @@ impl pb::logs_server::Logs for LogsService {
         let id = call::id("flow_run_id", &r.flow_run_id)?;
         // An unknown run is NOT_FOUND before the stream opens.
         call.clone()
-            .json(Method::GET, &format!("flow_runs/{id}"), None)
+            .json(Method::GET, &call::id_path("flow_runs/", id, ""), None)
             .await?;
         let tail = Tail {
             call,

@@ -38,7 +38,7 @@ impl pb::task_runs_server::TaskRuns for TaskRunsService {
         let call = Call::of(&self.0, &req)?;
         let id = call::id("id", &req.get_ref().id)?;
         let v = call
-            .json(Method::GET, &format!("task_runs/{id}"), None)
+            .json(Method::GET, &call::id_path("task_runs/", id, ""), None)
             .await?;
         Ok(Response::new(task_run(v)))
     }

@@ -352,7 +352,11 @@ mod tests {
         // Cut inside the header, inside the message, and with empty frames between.
         for cut in [1, 3, 5, 9, f.len() - 1] {
             let (a, b) = f.split_at(cut);
-            assert_eq!(read(&[a, b]).unwrap(), &b"hello, gateway"[..], "cut at {cut}");
+            assert_eq!(
+                read(&[a, b]).unwrap(),
+                &b"hello, gateway"[..],
+                "cut at {cut}"
+            );
             assert_eq!(read(&[b"", a, b"", b]).unwrap(), &b"hello, gateway"[..]);
         }
         let bytes: Vec<&[u8]> = f.chunks(1).collect();

@@ -11,7 +11,9 @@
 //! stripped from answers, a `date` on every answer that is not gRPC (gRPC servers send none),
 //! `content-length` from a body of known size, request bodies that hand their flow-control
 //! capacity back as they are read, answer bodies sent as the peer's window allows, trailers
-//! both ways, and on shutdown a GOAWAY that lets the streams in flight finish.
+//! both ways, and on shutdown a GOAWAY that lets the streams in flight finish. Unlike hyper's
+//! (without keep-alive set), it bounds idleness as the HTTP/1.1 path does: the preface must
+//! come within the head timeout, and a connection with no stream open that long is sent away.
 //!
 //! As in Envoy and nginx, a connection's streams share its task, so one connection is served
 //! on one core at a time; clients spread over cores by opening several connections.
@@ -19,6 +21,7 @@
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -27,6 +30,7 @@ use h2::{Reason, RecvStream, SendStream};
 use http::header;
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Protocol;
@@ -42,6 +46,12 @@ const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 1024 * 1024;
 const MAX_SEND_BUFFER: usize = 400 * 1024;
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// A connection must finish its preface within this, and one with no stream open for this long
+/// is sent a GOAWAY and closed; a peer that has not finished the close this long after is
+/// dropped. The same bound as the HTTP/1.1 path's head timeout: an idle connection costs a
+/// socket and its buffers, and a client that means to go on reconnects (gRPC clients do so on
+/// a GOAWAY by themselves).
+const IDLE_TIMEOUT: Duration = super::h1::HEAD_TIMEOUT;
 
 /// Serves one h2c connection until the peer closes it, or until it drains after `draining`.
 pub async fn serve<T, H>(
@@ -62,10 +72,14 @@ pub async fn serve<T, H>(
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .handshake::<_, Bytes>(io);
     let mut conn = tokio::select! {
-        c = handshake => match c {
-            Ok(c) => c,
-            Err(e) => {
+        c = tokio::time::timeout(IDLE_TIMEOUT, handshake) => match c {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "h2 handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("h2 handshake not done in time");
                 return;
             }
         },
@@ -73,10 +87,18 @@ pub async fn serve<T, H>(
     };
     let mut streams = FuturesUnordered::new();
     let mut goaway_sent = false;
+    // Armed once, and moved on only when it fires early: no timer work per stream, and a clock
+    // read only when the last open stream ends.
+    let mut idle_since = Instant::now();
+    let mut idle = pin!(tokio::time::sleep_until(idle_since + IDLE_TIMEOUT));
     loop {
         tokio::select! {
             biased;
-            Some(()) = streams.next(), if !streams.is_empty() => {}
+            Some(()) = streams.next(), if !streams.is_empty() => {
+                if streams.is_empty() {
+                    idle_since = Instant::now();
+                }
+            }
             accepted = conn.accept() => match accepted {
                 Some(Ok((req, respond))) => streams.push(stream(svc, client, req, respond)),
                 Some(Err(e)) => {
@@ -90,6 +112,22 @@ pub async fn serve<T, H>(
                 // Finish what is in flight, then close (an idle connection closes at once).
                 conn.graceful_shutdown();
                 goaway_sent = true;
+            }
+            () = &mut idle, if streams.is_empty() => {
+                let now = Instant::now();
+                let deadline = idle_since + IDLE_TIMEOUT;
+                if now < deadline {
+                    idle.as_mut().reset(deadline);
+                } else if !goaway_sent {
+                    tracing::debug!("h2 connection idle: sent away");
+                    conn.graceful_shutdown();
+                    goaway_sent = true;
+                    idle_since = now;
+                    idle.as_mut().reset(now + IDLE_TIMEOUT);
+                } else {
+                    tracing::debug!("h2 connection did not close after its GOAWAY: dropped");
+                    break;
+                }
             }
         }
     }
@@ -267,5 +305,127 @@ impl http_body::Body for Incoming {
             Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The idle bounds, on a paused clock: the runtime moves time on whenever every task waits.
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// Answers with the request's body once it has all arrived.
+    struct Echo;
+
+    impl Handle for Echo {
+        async fn handle(&self, req: Request) -> crate::Response {
+            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+            crate::Response::new(Body::from(body.unwrap_or_default()))
+        }
+    }
+
+    /// Serves one end of an in-memory connection; the task ends when `serve` returns.
+    fn served() -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>) {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(async move {
+            let client = ClientAddr::new(([127, 0, 0, 1], 9).into());
+            serve(ours, &Echo, &client, 64 * 1024, &CancellationToken::new()).await;
+        });
+        (theirs, task)
+    }
+
+    /// Waits for the server's task, a bound above the timeouts under test.
+    async fn ended(task: tokio::task::JoinHandle<()>) {
+        tokio::time::timeout(IDLE_TIMEOUT * 3, task)
+            .await
+            .expect("the connection is closed")
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_preface_that_stalls_is_dropped_after_the_idle_timeout() {
+        use tokio::io::AsyncWriteExt;
+        let (mut peer, task) = served();
+        let started = Instant::now();
+        peer.write_all(&PREFACE[..10]).await.unwrap();
+        ended(task).await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= IDLE_TIMEOUT && waited < IDLE_TIMEOUT + Duration::from_secs(1),
+            "closed after {waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_sent_away_and_closes_cleanly() {
+        let (peer, task) = served();
+        let started = Instant::now();
+        let (_send, conn) = h2::client::handshake(peer).await.unwrap();
+        // The client's side ends without error: a GOAWAY with NO_ERROR, then the close.
+        tokio::time::timeout(IDLE_TIMEOUT * 3, conn)
+            .await
+            .expect("the gateway closes an idle connection")
+            .expect("the client's connection ends cleanly");
+        ended(task).await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= IDLE_TIMEOUT && waited < IDLE_TIMEOUT + Duration::from_secs(1),
+            "closed after {waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_peer_that_does_not_finish_the_close_is_dropped() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut peer, task) = served();
+        let started = Instant::now();
+        peer.write_all(PREFACE).await.unwrap();
+        // An empty SETTINGS frame; the PING that follows the GOAWAY is never answered.
+        peer.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+        let mut goaway_at = None;
+        let mut head = [0u8; 9];
+        while peer.read_exact(&mut head).await.is_ok() {
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0; len];
+            peer.read_exact(&mut payload).await.unwrap();
+            if head[3] == 7 && goaway_at.is_none() {
+                // GOAWAY: the error code after the last stream id is NO_ERROR.
+                assert_eq!(&payload[4..8], &[0, 0, 0, 0]);
+                goaway_at = Some(started.elapsed());
+            }
+        }
+        let closed_at = started.elapsed();
+        ended(task).await;
+        let goaway_at = goaway_at.expect("a GOAWAY before the close");
+        assert!(goaway_at >= IDLE_TIMEOUT, "GOAWAY after {goaway_at:?}");
+        assert!(closed_at >= 2 * IDLE_TIMEOUT, "dropped after {closed_at:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_with_a_stream_open_is_not_idle() {
+        let (peer, task) = served();
+        let (send, conn) = h2::client::handshake(peer).await.unwrap();
+        let client = tokio::spawn(conn);
+        let mut send = send.ready().await.unwrap();
+        let req = http::Request::post("http://gateway/echo").body(()).unwrap();
+        let (answer, mut body) = send.send_request(req, false).unwrap();
+        // The stream stays open for twice the idle timeout before its body ends.
+        tokio::time::sleep(IDLE_TIMEOUT * 2).await;
+        assert!(!task.is_finished(), "closed with a stream open");
+        body.send_data(Bytes::from_static(b"still here"), true)
+            .unwrap();
+        let answer = answer.await.expect("the stream is answered");
+        let mut got = answer.into_body();
+        let data = got.data().await.unwrap().unwrap();
+        assert_eq!(&data[..], b"still here");
+        // Once the stream is done the connection is idle, and closes a timeout later.
+        let idle_from = Instant::now();
+        drop(send);
+        ended(task).await;
+        assert!(idle_from.elapsed() >= IDLE_TIMEOUT - Duration::from_secs(1));
+        client
+            .await
+            .unwrap()
+            .expect("the client's connection ends cleanly");
     }
 }

@@ -342,6 +342,14 @@ mod tests {
             .unwrap();
     }
 
+    fn closed_after_one_timeout(started: Instant) {
+        let waited = started.elapsed();
+        assert!(
+            waited >= IDLE_TIMEOUT && waited < IDLE_TIMEOUT + Duration::from_secs(1),
+            "closed after {waited:?}"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_preface_that_stalls_is_dropped_after_the_idle_timeout() {
         use tokio::io::AsyncWriteExt;
@@ -349,11 +357,7 @@ mod tests {
         let started = Instant::now();
         peer.write_all(&PREFACE[..10]).await.unwrap();
         ended(task).await;
-        let waited = started.elapsed();
-        assert!(
-            waited >= IDLE_TIMEOUT && waited < IDLE_TIMEOUT + Duration::from_secs(1),
-            "closed after {waited:?}"
-        );
+        closed_after_one_timeout(started);
     }
 
     #[tokio::test(start_paused = true)]
@@ -367,11 +371,7 @@ mod tests {
             .expect("the gateway closes an idle connection")
             .expect("the client's connection ends cleanly");
         ended(task).await;
-        let waited = started.elapsed();
-        assert!(
-            waited >= IDLE_TIMEOUT && waited < IDLE_TIMEOUT + Duration::from_secs(1),
-            "closed after {waited:?}"
-        );
+        closed_after_one_timeout(started);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,7 +1,8 @@
 //! The main port's own HTTP/2 path (`src/server/h2.rs`) on the wire, with the h2 crate as the
 //! client so windows and resets are under the test's control: REST answers over h2c, bodies
 //! larger than every window in both directions, a reset stream that takes its upstream call
-//! with it while the connection carries on, and shutdown with a stream in flight.
+//! with it while the connection carries on, shutdown with a stream in flight, and a preface
+//! that arrives in pieces.
 
 mod common;
 
@@ -226,4 +227,99 @@ async fn shutdown_lets_a_stream_in_flight_finish_and_takes_no_new_ones() {
     .unwrap();
     assert!(status.success(), "exit status {status}");
     assert!(signalled.elapsed() < Duration::from_secs(10));
+}
+
+/// A connection whose first write goes out in two pieces, 50 ms apart: the client preface
+/// arrives split, as a slow or odd client may send it.
+struct Dribble {
+    tcp: TcpStream,
+    sent: usize,
+    pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+const FIRST_PIECE: usize = 16;
+
+impl tokio::io::AsyncRead for Dribble {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Dribble {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let me = &mut *self;
+        if me.sent < FIRST_PIECE {
+            let n = data.len().min(FIRST_PIECE - me.sent);
+            let written =
+                std::task::ready!(std::pin::Pin::new(&mut me.tcp).poll_write(cx, &data[..n]))?;
+            me.sent += written;
+            if me.sent == FIRST_PIECE {
+                me.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(50))));
+            }
+            return std::task::Poll::Ready(Ok(written));
+        }
+        if let Some(pause) = me.pause.as_mut() {
+            std::task::ready!(std::future::Future::poll(pause.as_mut(), cx));
+            me.pause = None;
+        }
+        std::pin::Pin::new(&mut me.tcp).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn a_preface_that_arrives_in_pieces_is_served_by_the_h2_path() {
+    let up = TestUpstream::start(Behaviour::status(200, &[], "{}")).await;
+    let gw = Gateway::start(&Fixture::new(&up.url()).toml());
+    let tcp = TcpStream::connect(gw.addr).await.expect("connect");
+    tcp.set_nodelay(true).unwrap();
+    let io = Dribble {
+        tcp,
+        sent: 0,
+        pause: None,
+    };
+    let (mut send, conn) = h2::client::handshake(io).await.expect("h2c handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    // A health check (no key needed): the gateway's h2 path answers gRPC without `date`, as
+    // gRPC servers do, where hyper's h2 server adds one to every answer.
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("http://gw/grpc.health.v1.Health/Check")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (head, body) = exchange(&mut send, req, &[0, 0, 0, 0, 0]).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.headers["content-type"], "application/grpc");
+    assert!(
+        !head.headers.contains_key("date"),
+        "served by hyper, not the h2 path: {:?}",
+        head.headers
+    );
+    // One message: HealthCheckResponse { status: SERVING }.
+    assert_eq!(body, [0, 0, 0, 0, 2, 8, 1]);
 }

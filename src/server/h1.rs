@@ -160,7 +160,11 @@ pub async fn serve<H: Handle>(
     loop {
         c.since = Instant::now();
         let head = loop {
-            if !c.buf.is_empty() {
+            // The start of an HTTP/2 preface that came in pieces: the rest is awaited, so the
+            // connection goes to the h2 path whole (it is no HTTP/1.1 head to hyper either).
+            let preface_so_far =
+                c.buf.len() < super::h2::PREFACE.len() && super::h2::PREFACE.starts_with(&c.buf);
+            if !c.buf.is_empty() && !preface_so_far {
                 match parse(&c.buf) {
                     Parse::Fast(head) => break head,
                     Parse::Partial if c.buf.len() < FAST_HEAD => {}

@@ -3,10 +3,9 @@
 //! requests and websockets finish until the deadline, close what is left, return.
 //!
 //! A main-port connection starts on the gateway's own HTTP/1.1 path (`h1`), which serves the
-//! plain requests. One that opens with the HTTP/2 preface goes to the gateway's own h2 path
-//! (`h2`); whatever else the fast path does not take (upgrades, streamed bodies, odd heads)
-//! goes to hyper with the bytes read so far (hyper also still takes h2c whose preface came in
-//! pieces).
+//! plain requests. One that opens with the HTTP/2 preface (whole, or in pieces) goes to the
+//! gateway's own h2 path (`h2`); whatever else the fast path does not take (upgrades, streamed
+//! bodies, odd heads) goes to hyper's HTTP/1 server with the bytes read so far.
 
 mod h1;
 mod h2;
@@ -24,7 +23,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::gateway::Gateway;
 use crate::layers::ClientAddr;
-use crate::limiter::BoxFuture;
 use crate::middleware::Handle;
 use crate::{admin, shutdown, stack, Body};
 
@@ -150,11 +148,7 @@ async fn connection<H: Handle>(
         let mut req = req.map(Body::new);
         req.extensions_mut().insert(client.clone());
         let svc = svc.clone();
-        // Boxed: on h2 (an h2c preface that came in pieces) hyper moves the service's future
-        // into each stream's task and through the task's stages, five copies a call; the
-        // stack's future is 2 KB, a box is 16 bytes.
-        Box::pin(async move { Ok::<_, Infallible>(svc.handle(req).await) })
-            as BoxFuture<'static, Result<crate::Response, Infallible>>
+        async move { Ok::<_, Infallible>(svc.handle(req).await) }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), hyper_svc);
     let mut conn = std::pin::pin!(conn);

@@ -35,17 +35,13 @@ fn head_limit(gw: &Gateway) -> usize {
     (gw.settings.header_limit as usize * 2).max(16 * 1024)
 }
 
+/// hyper serves what the HTTP/1.1 fast path hands over; every h2c connection goes to `h2`.
 fn builder(gw: &Gateway) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    let head = head_limit(gw);
+    let mut b = auto::Builder::new(TokioExecutor::new()).http1_only();
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(h1::HEAD_TIMEOUT)
-        .max_buf_size(head);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(head as u32)
-        .max_concurrent_streams(1024);
+        .max_buf_size(head_limit(gw));
     b
 }
 

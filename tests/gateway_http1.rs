@@ -308,8 +308,8 @@ async fn a_chunked_body_after_fast_requests_is_still_refused_with_411() {
     );
 }
 
-/// An upstream that reads one request head, says so, then reports when the gateway closes
-/// that connection.
+/// The upstream (`common::upstream::watching`) reports the request head, then when the gateway
+/// closes that connection.
 #[tokio::test]
 async fn a_client_that_leaves_mid_request_has_its_upstream_call_dropped() {
     let (port, mut events) = common::upstream::watching().await;

@@ -29,8 +29,9 @@ use crate::{admin, shutdown, stack, Body};
 /// After the deadline, how long closing websockets get to say goodbye.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
-/// hyper's own read buffer bounds the head well above our limit, so the limits layer can
-/// answer an oversized head with a JSON 431 instead of a dropped connection.
+/// The bound on a request head at the protocol level (hyper's read buffer; the h2 path's
+/// header list), well above our limit, so the limits layer can answer an oversized head with a
+/// JSON 431 instead of a dropped connection.
 fn head_limit(gw: &Gateway) -> usize {
     (gw.settings.header_limit as usize * 2).max(16 * 1024)
 }

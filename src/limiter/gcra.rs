@@ -39,7 +39,9 @@ pub fn decide(rate: &Rate, tat: Option<Nanos>, now: Nanos, cost: u64) -> Outcome
     let cost_w = cost as u128;
     let new_tat = base + cost_w * t;
     // The admission test uses at most the burst, so an oversized batch passes on a full bucket.
-    let allow_at = base + cost_w.min(burst) * t - burst * t;
+    // Near the clock's origin a bucket's whole period can reach back past zero: the test then
+    // holds, as it would on a clock that started earlier.
+    let allow_at = (base + cost_w.min(burst) * t).saturating_sub(burst * t);
     if allow_at <= now_w {
         let headroom = (now_w + burst * t).saturating_sub(new_tat);
         Outcome {
@@ -155,6 +157,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A bucket whose period is longer than the clock has run (a daily limit, a fresh process):
+    /// its full burst is there, as on any other clock.
+    #[test]
+    fn a_period_longer_than_the_clock_has_run_admits_the_burst() {
+        let r = rate(10, 86_400, 10);
+        let mut tat = None;
+        for i in 0..10 {
+            let o = decide(&r, tat, 5 * SEC, 1);
+            assert!(o.allowed, "request {i}");
+            tat = Some(o.tat);
+        }
+        let o = decide(&r, tat, 5 * SEC, 1);
+        assert!(!o.allowed);
+        assert_eq!(o.retry_after, Duration::from_secs(8640));
     }
 
     #[test]

@@ -207,6 +207,23 @@ mod tests {
         }
     }
 
+    /// A daily limit in a process younger than a day (its clock's origin is an hour back):
+    /// the whole burst is admitted, then the bucket refuses. Before, its admission test
+    /// reached back past the clock's zero and refused every request.
+    #[test]
+    fn a_daily_limit_admits_its_burst_in_a_fresh_process() {
+        let l = MemoryLimiter::default();
+        let mut daily = charge("api", 100, 1);
+        daily.rate = Rate::new(100, Duration::from_secs(86_400));
+        for i in 0..100 {
+            assert!(
+                matches!(l.decide(std::slice::from_ref(&daily)), Decision::Allowed(_)),
+                "request {i}"
+            );
+        }
+        assert!(matches!(l.decide(&[daily]), Decision::Denied(_)));
+    }
+
     #[test]
     fn idle_buckets_are_evicted() {
         let l = MemoryLimiter::default();

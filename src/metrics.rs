@@ -19,6 +19,7 @@ pub struct Metrics {
     pub shadow_denials: AtomicU64,
     pub redis_errors: AtomicU64,
     pub deny_cache_hits: AtomicU64,
+    pub credit_decisions: AtomicU64,
     pub limiter_degraded: AtomicI64,
 }
 
@@ -46,7 +47,7 @@ impl Metrics {
                 self.requests[class].load(Relaxed)
             );
         }
-        let counters: [(&str, &str, u64); 12] = [
+        let counters: [(&str, &str, u64); 13] = [
             (
                 "tollgate_shadow_denials_total",
                 "",
@@ -61,6 +62,11 @@ impl Metrics {
                 "tollgate_deny_cache_hits_total",
                 "",
                 self.deny_cache_hits.load(Relaxed),
+            ),
+            (
+                "tollgate_limiter_credit_decisions_total",
+                "",
+                self.credit_decisions.load(Relaxed),
             ),
             (
                 "tollgate_rate_limited_total",

@@ -428,7 +428,17 @@ mod limiter_api {
     /// A Redis limiter under the `deny` policy (a request Redis did not decide is
     /// `Unavailable`, never silently admitted), once Redis decides its requests.
     async fn limiter(urls: Vec<String>, cluster: bool) -> (Arc<dyn Limiter>, Arc<Metrics>) {
+        limiter_with(urls, cluster, LimiterConfig::default().credit.0).await
+    }
+
+    /// The same, with `credit` as the prepaid horizon (zero: every request asks Redis).
+    async fn limiter_with(
+        urls: Vec<String>,
+        cluster: bool,
+        credit: Duration,
+    ) -> (Arc<dyn Limiter>, Arc<Metrics>) {
         let cfg = LimiterConfig {
+            credit: Span(credit),
             backend: Backend::Redis,
             redis_url: Some(RedisUrls::Many(urls)),
             cluster,
@@ -505,6 +515,147 @@ mod limiter_api {
             }
         }
         t
+    }
+
+    /// `tasks` tasks deciding `charges` one after another until `total` decisions are made (or
+    /// `within` has passed): (allowed, decided).
+    async fn decide_many(
+        limiter: &Arc<dyn Limiter>,
+        charges: Vec<Charge>,
+        tasks: usize,
+        total: usize,
+        within: Duration,
+    ) -> (usize, usize) {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        let decided = Arc::new(AtomicUsize::new(0));
+        let allowed = Arc::new(AtomicUsize::new(0));
+        let deadline = Instant::now() + within;
+        let workers: Vec<_> = (0..tasks)
+            .map(|_| {
+                let (limiter, charges) = (limiter.clone(), charges.clone());
+                let (decided, allowed) = (decided.clone(), allowed.clone());
+                tokio::spawn(async move {
+                    let mut n = 0u32;
+                    while Instant::now() < deadline && decided.fetch_add(1, Relaxed) < total {
+                        match decide(&*limiter, &charges).await {
+                            Decision::Allowed(_) => {
+                                allowed.fetch_add(1, Relaxed);
+                            }
+                            Decision::Denied(_) => {}
+                            Decision::Unavailable => panic!("Redis did not decide"),
+                        }
+                        // A decision from credit or the deny-cache does not wait: let the
+                        // batcher and the Redis connection run.
+                        n += 1;
+                        if n % 32 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await.unwrap();
+        }
+        let decided = decided.load(Relaxed).min(total);
+        (allowed.load(Relaxed), decided)
+    }
+
+    /// A busy bucket is prepaid: after its first window of traffic most decisions spend credit
+    /// taken from Redis, for a small share of the script calls. And every token spent was taken
+    /// in Redis first: another replica (with no credit of its own) finds the bucket short by at
+    /// least what the first one admitted, and by at most that and what it still holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_bucket_spends_credit_that_was_taken_in_redis_first() {
+        let _heavy = heavy().await;
+        let redis = RedisServer::start();
+        let (busy, metrics) = limiter(vec![redis.url()], false).await;
+        let (other, _) = limiter_with(vec![redis.url()], false, Duration::ZERO).await;
+        let burst = 1_000_000;
+        // 278 a second come back: small beside what is driven, and counted below.
+        let rate = Rate::new(burst, Duration::from_secs(3600));
+        let bucket = charge(uuid::Uuid::new_v4(), "api", rate);
+        let credit = || {
+            metrics
+                .credit_decisions
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let before = redis.script_calls();
+        let start = Instant::now();
+        let (allowed, decided) = decide_many(
+            &busy,
+            vec![bucket.clone()],
+            4,
+            usize::MAX,
+            Duration::from_millis(1500),
+        )
+        .await;
+        let calls = redis.script_calls() - before;
+        let spent = credit();
+        let Decision::Allowed(report) = decide(&*other, std::slice::from_ref(&bucket)).await else {
+            panic!("the other replica was refused");
+        };
+        let came_back =
+            (start.elapsed().as_secs_f64() / rate.interval().as_secs_f64()) as usize + 2;
+        let taken = (burst - report.0[0].remaining) as usize;
+        eprintln!(
+            "prepaid: {decided} decisions, {allowed} allowed, {spent} from credit, {calls} script \
+             calls; the other replica finds {taken} taken (came back meanwhile: at most {came_back})"
+        );
+        assert_eq!(
+            allowed, decided,
+            "a bucket far from its limit refused requests"
+        );
+        assert!(
+            spent as usize * 2 > decided,
+            "only {spent} of {decided} decisions spent credit"
+        );
+        assert!(
+            (calls as usize) * 20 < decided,
+            "{calls} script calls for {decided} decisions"
+        );
+        // Its own request is one of the taken.
+        assert!(
+            taken + came_back > allowed,
+            "the other replica finds {taken} taken, fewer than the {allowed} admitted: the \
+             global limit is not held"
+        );
+        assert!(
+            taken <= allowed + 1 + 2 * (burst as usize / 100),
+            "{taken} taken for {allowed} admitted: more held back than two grants"
+        );
+    }
+
+    /// Near its limit a bucket is decided by Redis request by request: a grant is taken only
+    /// while the bucket keeps half its burst after it, and what is held is spent before the
+    /// bucket empties. So a replica driven past the limit admits exactly the burst, credit or
+    /// not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prepaid_bucket_driven_past_its_limit_admits_exactly_its_burst() {
+        let _heavy = heavy().await;
+        let redis = RedisServer::start();
+        let (limiter, metrics) = limiter(vec![redis.url()], false).await;
+        // 32,000 in a hundred hours: one comes back every 11.25 s. Grants are at most 1% of the
+        // burst (320), and taken only while 16,000 are left after them.
+        let rate = Rate::new(32_000, Duration::from_secs(360_000));
+        let bucket = charge(uuid::Uuid::new_v4(), "api", rate);
+        let start = Instant::now();
+        let (allowed, decided) =
+            decide_many(&limiter, vec![bucket], 8, 40_000, Duration::from_secs(30)).await;
+        let came_back = (start.elapsed().as_secs_f64() / rate.interval().as_secs_f64()) as usize;
+        let spent = metrics
+            .credit_decisions
+            .load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!("past the limit: {decided} decisions, {allowed} allowed, {spent} from credit");
+        assert_eq!(decided, 40_000, "40,000 decisions not made within 30 s");
+        assert!(
+            spent > 0,
+            "no decision spent credit: the bucket was never prepaid (too slow a machine?)"
+        );
+        assert!(
+            (32_000..=32_000 + came_back).contains(&allowed),
+            "admitted {allowed}, not the burst of 32,000 (+{came_back} come back)"
+        );
     }
 
     /// While Redis stalls (slow, not failed: its calls stay within the timeout), requests queue

@@ -127,6 +127,8 @@ pub struct LimiterConfig {
     pub unauthenticated_per_ip: Option<Limit>,
     /// Lease lifetime of a concurrency slot: a replica that dies frees its slots after this.
     pub lease_ttl: Span,
+    /// Redis: how much of a busy bucket's traffic a replica prepays (zero: every request asks).
+    pub credit: Span,
 }
 
 impl Default for LimiterConfig {
@@ -140,6 +142,7 @@ impl Default for LimiterConfig {
             timeout: Span(std::time::Duration::from_millis(5)),
             unauthenticated_per_ip: None,
             lease_ttl: Span(std::time::Duration::from_secs(90)),
+            credit: Span(std::time::Duration::from_millis(20)),
         }
     }
 }
@@ -407,6 +410,12 @@ impl Config {
         }
         if l.lease_ttl.0 < std::time::Duration::from_secs(1) {
             bad("limiter.lease_ttl".into(), "must be at least 1s".into());
+        }
+        if l.credit.0 > std::time::Duration::from_secs(1) {
+            bad(
+                "limiter.credit".into(),
+                "must be at most 1s (0s: every request asks Redis)".into(),
+            );
         }
 
         let mut account_ids = HashSet::new();

@@ -18,35 +18,41 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::credit::Grant;
 use super::gcra::{self, Outcome};
 use super::Charge;
+use crate::config::Rate;
 use crate::FastMap;
 
-/// KEYS: the batch's distinct buckets. ARGV: per bucket interval (µs), burst, shadow (0/1);
-/// then runs, each: count, bucket count n, then n pairs of (bucket index, cost).
+/// KEYS: the batch's distinct buckets. ARGV: per bucket interval (µs), burst, shadow (0/1) and
+/// the grant asked for (tokens, 0 for none: `credit.rs`); then runs, each: count, bucket count n,
+/// then n pairs of (bucket index, cost).
 ///
 /// The requests of a run, and the runs, are decided in order, each all-or-nothing (its buckets
 /// are committed only when every enforced one allows), and each sees what the earlier ones
 /// committed: a bucket is read once (`GET`) and followed in `tat`; each changed bucket is
-/// written once, at the end. Returns `now,tat_1,...,tat_k,flags` (one `1`/`0` a request).
+/// written once, at the end. After the runs, each grant asked for is taken when the bucket keeps
+/// at least half its burst after it (the TAT moves on by the grant), else refused.
+/// Returns `now,tat_1,...,tat_k,flags,grants` (one `1`/`0` a request, then one a bucket).
 /// One string, not an array: redis-rs's parser of an array of integers cost more than a split.
 /// Every number is a whole count of µs, written with `%d` (Lua's `%.0f` goes through glibc's
 /// multi-precision float printing, which showed in redis-server's profile).
 pub const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval, burst, shadow, tat, first = {}, {}, {}, {}, {}
+local interval, burst, shadow, ask, tat, first = {}, {}, {}, {}, {}, {}
 for i = 1, #KEYS do
   local key = KEYS[i]
-  interval[i] = tonumber(ARGV[3 * i - 2])
-  burst[i] = tonumber(ARGV[3 * i - 1])
-  shadow[i] = ARGV[3 * i] == '1'
+  interval[i] = tonumber(ARGV[4 * i - 3])
+  burst[i] = tonumber(ARGV[4 * i - 2])
+  shadow[i] = ARGV[4 * i - 1] == '1'
+  ask[i] = tonumber(ARGV[4 * i])
   if tat[key] == nil then
     tat[key] = tonumber(redis.call('GET', key) or 0)
   end
   first[i] = string.format('%d', tat[key])
 end
-local a = 3 * #KEYS
+local a = 4 * #KEYS
 local seen, dirty, flags = {}, {}, {}
 local idx, cost, new = {}, {}, {}
 while a < #ARGV do
@@ -86,31 +92,57 @@ while a < #ARGV do
     flags[#flags + 1] = commit
   end
 end
+local grants = {}
+for i = 1, #KEYS do
+  local g = '0'
+  local p = ask[i]
+  if p > 0 then
+    local key = KEYS[i]
+    local cur = tat[key]
+    if cur < now then cur = now end
+    local iv, b = interval[i], burst[i]
+    if now + b * iv - cur >= (p + math.floor(b / 2)) * iv then
+      tat[key] = cur + p * iv
+      if not seen[key] then
+        seen[key] = true
+        dirty[#dirty + 1] = key
+      end
+      g = '1'
+    end
+  end
+  grants[i] = g
+end
 for _, key in ipairs(dirty) do
   local v = tat[key]
   redis.call('SET', key, string.format('%d', v), 'PX', math.ceil((v - now) / 1000) + 1)
 end
 return string.format('%d', now) .. ',' .. table.concat(first, ',') .. ',' .. table.concat(flags)
+  .. ',' .. table.concat(grants)
 "#;
 
 /// One bucket of a queued request, as the script takes it.
 #[derive(Clone, Debug)]
 pub struct Bucket {
     pub key: Arc<str>,
+    pub rate: Rate,
     pub interval_us: u64,
     pub burst: u64,
     pub cost: u64,
     pub shadow: bool,
+    /// The grant asked for (0: none).
+    pub ask: u64,
 }
 
 impl Bucket {
-    pub fn of(c: &Charge) -> Bucket {
+    pub fn of(c: &Charge, ask: u64) -> Bucket {
         Bucket {
             key: c.key.0.clone(),
+            rate: c.rate,
             interval_us: (gcra::interval_nanos(&c.rate) / 1000).max(1),
             burst: c.rate.burst,
             cost: c.cost,
             shadow: c.shadow,
+            ask,
         }
     }
 }
@@ -129,6 +161,8 @@ pub struct Plan<'a> {
     /// The distinct buckets (one a key and limit: a limit changed by a reload mid-batch makes
     /// two entries of one key, which share its TAT).
     buckets: Vec<&'a Bucket>,
+    /// For each bucket, the grant asked for (the largest of its requests').
+    asks: Vec<u64>,
     /// For each bucket, the index of the first one with its key: where its TAT is followed.
     tat_of: Vec<usize>,
     runs: Vec<Run>,
@@ -147,6 +181,7 @@ impl<'a> Plan<'a> {
     {
         let mut plan = Plan {
             buckets: Vec::new(),
+            asks: Vec::new(),
             tat_of: Vec::new(),
             runs: Vec::new(),
             requests: 0,
@@ -180,8 +215,11 @@ impl<'a> Plan<'a> {
             .or_insert(next);
         if at == next {
             self.buckets.push(b);
+            self.asks.push(b.ask);
             self.tat_of
                 .push(*self.key_at.entry(&*b.key).or_insert(next));
+        } else {
+            self.asks[at] = self.asks[at].max(b.ask);
         }
         at
     }
@@ -190,13 +228,16 @@ impl<'a> Plan<'a> {
     pub fn command(&self, sha: &str) -> redis::Cmd {
         let args: usize = self.runs.iter().map(|r| 2 + 2 * r.shape.len()).sum();
         let bytes: usize = self.buckets.iter().map(|b| b.key.len() + 32).sum();
-        let mut cmd = redis::Cmd::with_capacity(3 + 4 * self.buckets.len() + args, 64 + bytes);
+        let mut cmd = redis::Cmd::with_capacity(3 + 5 * self.buckets.len() + args, 64 + bytes);
         cmd.arg("EVALSHA").arg(sha).arg(self.buckets.len());
         for b in &self.buckets {
             cmd.arg(&*b.key);
         }
-        for b in &self.buckets {
-            cmd.arg(b.interval_us).arg(b.burst).arg(u8::from(b.shadow));
+        for (b, ask) in self.buckets.iter().zip(&self.asks) {
+            cmd.arg(b.interval_us)
+                .arg(b.burst)
+                .arg(u8::from(b.shadow))
+                .arg(*ask);
         }
         for r in &self.runs {
             cmd.arg(r.count).arg(r.shape.len());
@@ -208,8 +249,9 @@ impl<'a> Plan<'a> {
         cmd
     }
 
-    /// Every request's outcomes from the script's answer, in the requests' order.
-    pub fn outcomes(&self, answer: &str) -> Result<Vec<Vec<Outcome>>, String> {
+    /// Every request's outcomes from the script's answer, in the requests' order, and what was
+    /// granted of each grant asked for.
+    pub fn outcomes(&self, answer: &str) -> Result<(Vec<Vec<Outcome>>, Vec<Grant>), String> {
         let bad = |why: &str| format!("unexpected script reply {answer:?}: {why}");
         let mut parts = answer.split(',');
         let mut number = || -> Result<f64, String> {
@@ -225,10 +267,51 @@ impl<'a> Plan<'a> {
             .map(|_| number())
             .collect::<Result<Vec<f64>, String>>()?;
         let flags = parts.next().ok_or_else(|| bad("no commit flags"))?;
-        if parts.next().is_some() || flags.len() != self.requests {
+        if flags.len() != self.requests {
             return Err(bad(&format!("expected {} commit flags", self.requests)));
         }
-        self.replay(now, read, flags.as_bytes())
+        let granted = parts.next().ok_or_else(|| bad("no grant flags"))?;
+        if parts.next().is_some() || granted.len() != self.buckets.len() {
+            return Err(bad(&format!("expected {} grant flags", self.buckets.len())));
+        }
+        let (outcomes, tat) = self.replay(now, read, flags.as_bytes())?;
+        let grants = self.grants(now, tat, granted.as_bytes())?;
+        Ok((outcomes, grants))
+    }
+
+    /// The script's grants over the TATs the runs left, checked against its flags.
+    fn grants(&self, now: f64, mut tat: Vec<f64>, flags: &[u8]) -> Result<Vec<Grant>, String> {
+        let mut grants = Vec::new();
+        for (i, (b, &ask)) in self.buckets.iter().zip(&self.asks).enumerate() {
+            let flag = flags[i] == b'1';
+            if ask == 0 {
+                if flag {
+                    return Err(format!("the script granted bucket {} unasked", i + 1));
+                }
+                continue;
+            }
+            let (iv, burst, p) = (b.interval_us as f64, b.burst as f64, ask as f64);
+            let cur = tat[self.tat_of[i]].max(now);
+            let grant = now + burst * iv - cur >= (p + (burst / 2.0).floor()) * iv;
+            if grant != flag {
+                return Err(format!(
+                    "the script's grant flag of bucket {} ({flag}) is not what its replay finds \
+                     ({grant})",
+                    i + 1
+                ));
+            }
+            if grant {
+                tat[self.tat_of[i]] = cur + p * iv;
+            }
+            grants.push(Grant {
+                key: super::BucketKey(b.key.clone()),
+                rate: b.rate,
+                tokens: if grant { ask } else { 0 },
+                base_us: cur,
+                now_us: now,
+            });
+        }
+        Ok(grants)
     }
 
     /// The script's arithmetic over `now` and the TATs it read, committing where it did.
@@ -237,7 +320,7 @@ impl<'a> Plan<'a> {
         now: f64,
         mut tat: Vec<f64>,
         flags: &[u8],
-    ) -> Result<Vec<Vec<Outcome>>, String> {
+    ) -> Result<(Vec<Vec<Outcome>>, Vec<f64>), String> {
         let us = |v: f64| Duration::from_micros(v.max(0.0) as u64);
         let mut out = Vec::with_capacity(self.requests);
         let mut flags = flags.iter();
@@ -295,7 +378,7 @@ impl<'a> Plan<'a> {
                 out.push(outcomes);
             }
         }
-        Ok(out)
+        Ok((out, tat))
     }
 }
 
@@ -306,10 +389,12 @@ mod tests {
     fn bucket(key: &str, interval_us: u64, burst: u64, cost: u64) -> Bucket {
         Bucket {
             key: key.into(),
+            rate: Rate::new(burst, Duration::from_micros(interval_us * burst)),
             interval_us,
             burst,
             cost,
             shadow: false,
+            ask: 0,
         }
     }
 
@@ -352,7 +437,7 @@ mod tests {
             .collect();
         assert_eq!(
             args.join(" "),
-            "EVALSHA sha 2 tg:{x}:api tg:{x}:key 1000 10 0 2000 5 0 \
+            "EVALSHA sha 2 tg:{x}:api tg:{x}:key 1000 10 0 0 2000 5 0 0 \
              3 2 1 1 2 1 1 1 1 3 1 2 1 1 2 1"
         );
     }
@@ -374,8 +459,14 @@ mod tests {
         assert_eq!(plan.runs.len(), 64);
         assert_eq!(plan.runs[32].shape[0], (0, 1));
         // Every bucket full at the start: the second time round each one has 8 left.
-        let answer = format!("5000000,{}{}", "0,".repeat(256), "1".repeat(64));
-        let out = plan.outcomes(&answer).unwrap();
+        let answer = format!(
+            "5000000,{}{},{}",
+            "0,".repeat(256),
+            "1".repeat(64),
+            "0".repeat(256)
+        );
+        let (out, grants) = plan.outcomes(&answer).unwrap();
+        assert!(grants.is_empty());
         assert_eq!(out[0][0].remaining, 9);
         assert_eq!(out[63][7].remaining, 8);
     }
@@ -389,7 +480,7 @@ mod tests {
         assert_eq!(plan.tat_of, vec![0, 0]);
         // Both read TAT 0 at now 1,000,000: the first commits to now + 1000, the second starts
         // from there.
-        let out = plan.outcomes("1000000,0,0,11").unwrap();
+        let (out, _) = plan.outcomes("1000000,0,0,11,00").unwrap();
         assert_eq!(out[0][0].reset, Duration::from_micros(1000));
         assert_eq!(out[1][0].reset, Duration::from_micros(1500));
         assert_eq!(out[1][0].remaining, 17);
@@ -402,7 +493,7 @@ mod tests {
         let a = bucket("tg:{x}:api", 1000, 3, 1);
         let one = [a];
         let plan = Plan::new(vec![&one[..]; 4]);
-        let out = plan.outcomes("5000000,0,1110").unwrap();
+        let (out, _) = plan.outcomes("5000000,0,1110,0").unwrap();
         let remaining: Vec<u64> = out.iter().map(|o| o[0].remaining).collect();
         assert_eq!(remaining, vec![2, 1, 0, 0]);
         let allowed: Vec<bool> = out.iter().map(|o| o[0].allowed).collect();
@@ -425,7 +516,7 @@ mod tests {
         let watched = [wide.clone(), shadow];
         let plan = Plan::new(vec![&refused[..], &refused[..], &watched[..]]);
         // "full" (read as TAT now + 1 ms) is empty; the shadow entry shares its TAT.
-        let out = plan.outcomes("1000000,0,1001000,1001000,001").unwrap();
+        let (out, _) = plan.outcomes("1000000,0,1001000,1001000,001,000").unwrap();
         assert!(out[0][0].allowed && !out[0][1].allowed);
         // Nothing of the first request was taken from "wide".
         assert_eq!(out[1][0].remaining, 99);
@@ -445,13 +536,72 @@ mod tests {
             "1000,0,1",
             "1000,0,111",
             "x,0,11",
+            "1000,0,11",
+            "1000,0,11,",
+            "1000,0,11,00",
+            "1000,0,11,0,1",
+            // A grant nobody asked for.
             "1000,0,11,1",
         ] {
             assert!(plan.outcomes(bad).is_err(), "{bad:?} was taken");
         }
         // A commit the replay cannot reproduce is refused, not believed.
-        let full = plan.outcomes("1000,9000,11").unwrap_err();
+        let full = plan.outcomes("1000,9000,11,0").unwrap_err();
         assert!(full.contains("commit flag"), "{full}");
-        assert!(plan.outcomes("1000,0,11").is_ok());
+        assert!(plan.outcomes("1000,0,11,0").is_ok());
+    }
+
+    /// A grant moves the bucket on after the runs, and is taken only while the bucket keeps
+    /// half its burst after it; the largest ask of a bucket's requests is the one sent.
+    #[test]
+    fn grants_are_asked_once_a_bucket_and_replayed_as_the_script_takes_them() {
+        let a = bucket("tg:{x}:api", 1000, 100, 1);
+        let asking = Bucket {
+            ask: 40,
+            ..a.clone()
+        };
+        let more = Bucket {
+            ask: 50,
+            ..a.clone()
+        };
+        let requests: Vec<&[Bucket]> = vec![
+            std::slice::from_ref(&asking),
+            std::slice::from_ref(&a),
+            std::slice::from_ref(&more),
+        ];
+        let plan = Plan::new(requests);
+        let args: Vec<String> = plan
+            .command("sha")
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(v) => String::from_utf8_lossy(v).into_owned(),
+                _ => "(not a plain argument)".into(),
+            })
+            .collect();
+        assert_eq!(
+            args.join(" "),
+            "EVALSHA sha 1 tg:{x}:api 1000 100 0 50 3 1 1 1"
+        );
+        // A full bucket: three requests leave 97; a grant of 50 leaves 47 (under half the
+        // burst), so it is refused.
+        let (out, grants) = plan.outcomes("5000000,0,111,0").unwrap();
+        assert_eq!(out[2][0].remaining, 97);
+        assert_eq!(grants.len(), 1);
+        assert_eq!(grants[0].tokens, 0);
+        assert!(plan.outcomes("5000000,0,111,1").is_err());
+        // A grant of 40 leaves 57, and is taken: from the TAT the runs left.
+        let small = Bucket {
+            ask: 40,
+            ..a.clone()
+        };
+        let plan = Plan::new(vec![std::slice::from_ref(&small); 3]);
+        let (_, grants) = plan.outcomes("5000000,0,111,1").unwrap();
+        assert_eq!(grants[0].tokens, 40);
+        assert_eq!(grants[0].base_us, 5_003_000.0);
+        assert_eq!(grants[0].now_us, 5_000_000.0);
+        assert!(plan.outcomes("5000000,0,111,0").is_err());
+        // With the bucket read 10 ms behind now (empty, then full again), the same holds.
+        let (_, grants) = plan.outcomes("5000000,4990000,111,1").unwrap();
+        assert_eq!(grants[0].base_us, 5_003_000.0);
     }
 }

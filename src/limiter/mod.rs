@@ -5,6 +5,7 @@
 //! They are decided together: a request denied by one bucket consumes nothing from the others.
 
 pub mod batch;
+pub mod credit;
 pub mod gcra;
 pub mod memory;
 pub mod redis;

@@ -15,6 +15,10 @@
 //! request's figures (`batch.rs`). In cluster mode a
 //! batch is split by hash tag (a script's keys must share a slot): one call per account.
 //!
+//! Busy buckets are prepaid (`credit.rs`): a request that goes to Redis may take a grant of a
+//! bucket's tokens along with its own, which the next requests of that bucket spend here with no
+//! round trip; never near a limit, which Redis then decides request by request.
+//!
 //! Around it: a local deny-cache (a bucket known empty until T is answered here until T, with no
 //! round trip), a timeout budget on every call (a batch's call: a call that fails or times out
 //! sends each of its requests to the failure policy), and the failure policy (`local`: an
@@ -31,6 +35,7 @@ use redis::cluster_async::ClusterConnection;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::batch::{self, Bucket, Plan};
+use super::credit::{Credits, Grant};
 use super::gcra::Outcome;
 use super::memory::MemoryLimiter;
 use super::{
@@ -177,6 +182,8 @@ pub struct RedisLimiter {
     /// Requests for the batcher (see [`batcher`]).
     jobs: mpsc::Sender<Job>,
     deny_cache: Mutex<FastMap<BucketKey, Known>>,
+    /// Busy buckets' tokens, taken from Redis ahead of the requests that spend them.
+    credits: Credits,
     degraded: AtomicBool,
     origin: Instant,
     next_probe: AtomicU64,
@@ -211,6 +218,7 @@ impl RedisLimiter {
             leases: AtomicU64::new(0),
             jobs,
             deny_cache: Mutex::new(FastMap::default()),
+            credits: Credits::new(cfg.credit.0),
             degraded: AtomicBool::new(false),
             origin: Instant::now(),
             next_probe: AtomicU64::new(0),
@@ -368,8 +376,9 @@ impl RedisLimiter {
         }
     }
 
-    /// One script call for `jobs` (all in one slot in cluster mode): their outcomes, in order.
-    async fn ask_redis(&self, jobs: &[Job]) -> Result<Vec<Vec<Outcome>>, String> {
+    /// One script call for `jobs` (all in one slot in cluster mode): their outcomes, in order,
+    /// and the grants it made.
+    async fn ask_redis(&self, jobs: &[Job]) -> Result<(Vec<Vec<Outcome>>, Vec<Grant>), String> {
         let Some(conn) = self.conn.load_full() else {
             return Err("not connected".into());
         };
@@ -407,8 +416,11 @@ impl RedisLimiter {
 
     async fn call(self: &Arc<Self>, jobs: Vec<Job>) {
         match self.ask_redis(&jobs).await {
-            Ok(outcomes) => {
+            Ok((outcomes, grants)) => {
                 self.mark_healthy();
+                if !grants.is_empty() {
+                    self.credits.take(&grants, self.now_nanos());
+                }
                 for (job, outcomes) in jobs.into_iter().zip(outcomes) {
                     // A request whose caller went away meanwhile: nobody to tell.
                     let _ = job.reply.send(Ok(outcomes));
@@ -437,11 +449,20 @@ impl RedisLimiter {
         }
     }
 
-    /// The decisions that need no round trip: nothing to charge, a cached denial, or Redis
-    /// known to be down (the failure policy answers until the next probe).
+    /// The decisions that need no round trip: nothing to charge, credit held for every bucket,
+    /// a cached denial, or Redis known to be down (the failure policy answers until the next
+    /// probe).
     fn decide_locally(&self, charges: &[Charge]) -> Option<Decision> {
         if charges.is_empty() {
             return Some(Decision::Allowed(Report::default()));
+        }
+        // Credit held for every bucket was taken in Redis already: it is spent even when another
+        // replica has since emptied a bucket (the deny-cache's news).
+        if let Some(outcomes) = self.credits.spend(charges, self.now_nanos()) {
+            self.metrics
+                .credit_decisions
+                .fetch_add(1, Ordering::Relaxed);
+            return Some(combine(charges, &outcomes));
         }
         if let Some(denial) = self.cached_denial(charges) {
             self.metrics.deny_cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -456,8 +477,13 @@ impl RedisLimiter {
     /// Queues the request for the batcher and waits for its outcomes.
     async fn decide_remotely(&self, charges: &[Charge]) -> Decision {
         let (reply, answer) = oneshot::channel();
+        let asks = self.credits.to_ask(charges, self.now_nanos());
         let job = Job {
-            buckets: charges.iter().map(Bucket::of).collect(),
+            buckets: charges
+                .iter()
+                .zip(asks)
+                .map(|(c, ask)| Bucket::of(c, ask))
+                .collect(),
             reply,
         };
         let answer = match self.jobs.try_send(job) {

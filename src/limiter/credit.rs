@@ -42,7 +42,8 @@ const WINDOW: Duration = Duration::from_millis(100);
 /// A grant asked for and not answered within this (a failed call, a request given up) may be
 /// asked for again.
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
-/// Past this many buckets, those with nothing held and no recent traffic are forgotten.
+/// Past this many buckets, those with nothing held and no recent traffic are forgotten, and
+/// while they are all busy, new ones are not followed (their requests ask Redis).
 const MAX_BUCKETS: usize = 100_000;
 
 /// What a script call granted one bucket.
@@ -122,10 +123,53 @@ impl Credit {
     }
 }
 
-/// Every bucket's credit on this replica.
+/// Every bucket's credit on this replica, in shards (a request locks only its buckets' shards).
 pub struct Credits {
     horizon: Duration,
-    buckets: Mutex<FastMap<BucketKey, Credit>>,
+    shards: Vec<Mutex<Shard>>,
+}
+
+#[derive(Default)]
+struct Shard {
+    buckets: FastMap<BucketKey, Credit>,
+    /// When the shard was last swept of idle buckets.
+    swept: Nanos,
+}
+
+impl Shard {
+    /// The bucket's credit, made when absent; `None` when the shard is full of buckets with
+    /// recent traffic (a flood of new keys): such a request simply asks Redis.
+    fn credit(&mut self, c: &Charge, now: Nanos) -> Option<&mut Credit> {
+        if !self.buckets.contains_key(&c.key) {
+            if self.buckets.len() >= MAX_BUCKETS / SHARDS {
+                // At most once a window, so a flood of new keys costs no sweep a request.
+                if now.saturating_sub(self.swept) < WINDOW.as_nanos() as u64 {
+                    return None;
+                }
+                self.swept = now;
+                let recent = 10 * WINDOW.as_nanos() as u64;
+                self.buckets
+                    .retain(|_, c| c.held(now) > 0 || now.saturating_sub(c.window) < recent);
+                if self.buckets.len() >= MAX_BUCKETS / SHARDS {
+                    return None;
+                }
+            }
+            self.buckets.insert(c.key.clone(), Credit::new(c.rate, now));
+        }
+        let credit = self.buckets.get_mut(&c.key)?;
+        // A changed limit starts afresh: what was held was taken under the old one.
+        if credit.rate != c.rate {
+            *credit = Credit::new(c.rate, now);
+        }
+        Some(credit)
+    }
+}
+
+const SHARDS: usize = 16;
+
+fn shard_of(key: &BucketKey) -> usize {
+    use std::hash::BuildHasher;
+    (foldhash::fast::FixedState::default().hash_one(key) as usize) % SHARDS
 }
 
 impl Credits {
@@ -133,7 +177,7 @@ impl Credits {
     pub fn new(horizon: Duration) -> Credits {
         Credits {
             horizon,
-            buckets: Mutex::new(FastMap::default()),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
         }
     }
 
@@ -141,40 +185,44 @@ impl Credits {
         !self.horizon.is_zero()
     }
 
+    fn lock(&self, shard: usize) -> std::sync::MutexGuard<'_, Shard> {
+        self.shards[shard]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// The request's outcomes when every bucket has the credit for it (and then it is spent),
     /// else `None`: the request goes to Redis. Counts the request's traffic either way.
     pub fn spend(&self, charges: &[Charge], now: Nanos) -> Option<Vec<Outcome>> {
-        if !self.enabled() {
+        if !self.enabled() || charges.is_empty() {
             return None;
         }
-        let mut buckets = self.buckets.lock().ok()?;
+        // Every shard involved is locked, in index order, so the request is spent all or
+        // nothing; most requests touch one or two.
+        let mut at: Vec<usize> = charges.iter().map(|c| shard_of(&c.key)).collect();
+        let mut order = at.clone();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: Vec<_> = order.iter().map(|&s| self.lock(s)).collect();
+        for s in &mut at {
+            *s = order.iter().position(|o| o == s).unwrap_or(0);
+        }
         let mut covered = true;
-        for c in charges {
-            let credit = match buckets.get_mut(&c.key) {
-                // A changed limit starts afresh: what was held was taken under the old one.
-                Some(credit) if credit.rate == c.rate => credit,
+        for (c, &g) in charges.iter().zip(&at) {
+            match guards[g].credit(c, now) {
                 Some(credit) => {
-                    *credit = Credit::new(c.rate, now);
-                    credit
+                    credit.observe(c.cost, now, self.horizon);
+                    covered &= credit.covers(c.cost, now);
                 }
-                None => {
-                    if buckets.len() >= MAX_BUCKETS {
-                        forget_idle(&mut buckets, now);
-                    }
-                    buckets
-                        .entry(c.key.clone())
-                        .or_insert_with(|| Credit::new(c.rate, now))
-                }
-            };
-            credit.observe(c.cost, now, self.horizon);
-            covered &= credit.covers(c.cost, now);
+                None => covered = false,
+            }
         }
         if !covered {
             return None;
         }
         let mut outcomes = Vec::with_capacity(charges.len());
-        for c in charges {
-            let credit = buckets.get(&c.key)?;
+        for (c, &g) in charges.iter().zip(&at) {
+            let credit = guards[g].buckets.get(&c.key)?;
             let o = gcra::decide(&c.rate, Some(credit.tat), now, c.cost);
             if !o.allowed {
                 // This replica's view says empty although it holds the tokens (a cost past
@@ -183,9 +231,11 @@ impl Credits {
             }
             outcomes.push(o);
         }
-        for (c, o) in charges.iter().zip(&outcomes) {
-            if let Some(credit) = buckets.get_mut(&c.key) {
-                credit.tokens -= c.cost;
+        for ((c, o), &g) in charges.iter().zip(&outcomes).zip(&at) {
+            if let Some(credit) = guards[g].buckets.get_mut(&c.key) {
+                // Saturating: one bucket charged twice by one request is taken twice here, as
+                // in Redis, and never below nothing.
+                credit.tokens = credit.tokens.saturating_sub(c.cost);
                 credit.tat = o.tat;
             }
         }
@@ -199,11 +249,9 @@ impl Credits {
         if !self.enabled() {
             return asks;
         }
-        let Ok(mut buckets) = self.buckets.lock() else {
-            return asks;
-        };
         for (c, ask) in charges.iter().zip(&mut asks) {
-            if let Some(credit) = buckets.get_mut(&c.key) {
+            let mut shard = self.lock(shard_of(&c.key));
+            if let Some(credit) = shard.buckets.get_mut(&c.key) {
                 if credit.rate == c.rate
                     && credit.want > 0
                     && !credit.asking(now)
@@ -219,15 +267,15 @@ impl Credits {
 
     /// Takes what a script call granted (or refused).
     pub fn take(&self, grants: &[Grant], now: Nanos) {
-        let Ok(mut buckets) = self.buckets.lock() else {
-            return;
-        };
         for g in grants {
-            let credit = buckets
-                .entry(g.key.clone())
-                .or_insert_with(|| Credit::new(g.rate, now));
+            let mut shard = self.lock(shard_of(&g.key));
+            let Some(credit) = shard.buckets.get_mut(&g.key) else {
+                // Forgotten meanwhile (a shard full of new keys): the grant stays counted in
+                // Redis, unspent.
+                continue;
+            };
             if credit.rate != g.rate {
-                *credit = Credit::new(g.rate, now);
+                continue;
             }
             credit.asked = 0;
             if g.tokens == 0 {
@@ -245,18 +293,20 @@ impl Credits {
     }
 
     #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap().buckets.len())
+            .sum()
+    }
+
+    #[cfg(test)]
     fn held(&self, key: &BucketKey, now: Nanos) -> u64 {
-        self.buckets
-            .lock()
-            .unwrap()
+        self.lock(shard_of(key))
+            .buckets
             .get(key)
             .map_or(0, |c| c.held(now))
     }
-}
-
-fn forget_idle(buckets: &mut FastMap<BucketKey, Credit>, now: Nanos) {
-    let recent = 10 * WINDOW.as_nanos() as u64;
-    buckets.retain(|_, c| c.held(now) > 0 || now.saturating_sub(c.window) < recent);
 }
 
 #[cfg(test)]
@@ -360,6 +410,29 @@ mod tests {
         // The figures are the bucket's as Redis left it, less what is spent here: full, but for
         // this one request.
         assert_eq!(outcomes[0].remaining, fast().burst - 1);
+    }
+
+    /// A flood of new keys: the buckets followed stay bounded, a full shard is swept at most
+    /// once a window, and once the flood's keys are idle they are forgotten.
+    #[test]
+    fn a_flood_of_new_keys_is_bounded() {
+        let credits = Credits::new(Duration::from_millis(20));
+        for i in 0..150_000 {
+            let c = [charge(&format!("tg:{{ip:{i}}}:unauthenticated"), fast())];
+            assert!(credits.spend(&c, MS + i).is_none());
+        }
+        assert!(credits.len() <= MAX_BUCKETS, "{} buckets", credits.len());
+        assert!(
+            credits.len() > MAX_BUCKETS * 9 / 10,
+            "{} buckets",
+            credits.len()
+        );
+        // Two seconds on, the flood's buckets are idle: new keys take their place.
+        for i in 0..1000 {
+            let c = [charge(&format!("tg:{{later:{i}}}:api"), fast())];
+            credits.spend(&c, 2000 * MS + i);
+        }
+        assert!(credits.len() < 2000, "{} buckets", credits.len());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! exact across 3 gateway processes (one Redis, and a 3-master Redis Cluster built with
 //! `redis-cli --cluster create`), replicas with skewed clocks agreeing, and the deny-cache
 //! (a flood from an over-limit key makes no Redis calls, counted with `INFO commandstats`);
-//! concurrent requests sharing script calls (fewer calls than requests, still exact), and the
+//! concurrent requests sharing script calls (fewer calls than requests, still exact), busy
+//! buckets served from prepaid credit (through the gateway, and exact past the limit), and the
 //! limiter's API driven from many tasks at once (requests of one call see each other's commits,
 //! a denied one takes nothing, a cluster batch is split by slot, dropped callers are harmless).
 //!
@@ -349,6 +350,81 @@ async fn at_once(gw: &Gateway, n: usize) -> Vec<u16> {
         statuses.push(t.await.unwrap());
     }
     statuses
+}
+
+/// Through the gateway process: a busy account is served from prepaid credit (counted by
+/// `tollgate_limiter_credit_decisions_total`) with a small share of the script calls, every
+/// request admitted, and the `RateLimit` figures counting down with the requests: the last ones
+/// answered report what the account has left after all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_account_is_served_from_prepaid_credit_through_the_gateway() {
+    let _heavy = heavy().await;
+    let redis = RedisServer::start();
+    let up = TestUpstream::start(Behaviour::Echo).await;
+    // 10 million in 100 hours: about 28 a second come back.
+    let burst: i64 = 10_000_000;
+    let cfg = LimitsConfig::new(&up.url(), &Backend::Redis(redis.url()))
+        .plan("api = \"10000000/100h\"")
+        .limiter(ACCURACY_BUDGET);
+    let gw = start_gateway(&cfg).await;
+    let before = redis.script_calls();
+    let started = Instant::now();
+    let until = started + Duration::from_secs(2);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let url = gw.url(&ws_path("flows/"));
+            tokio::spawn(async move {
+                let mut c = KeepAlive::new(&url);
+                let headers = vec![("authorization".to_string(), bearer(KEY))];
+                let mut out = Vec::new();
+                while Instant::now() < until {
+                    let (status, h) = c.get(&headers).await;
+                    let remaining = h
+                        .get("ratelimit")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.split(";r=").nth(1))
+                        .and_then(|v| v.split(';').next())
+                        .and_then(|v| v.parse::<i64>().ok());
+                    out.push((status, remaining));
+                }
+                out
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.extend(t.await.unwrap());
+    }
+    let calls = redis.script_calls() - before;
+    let credit = metric(&gw, "tollgate_limiter_credit_decisions_total")
+        .await
+        .unwrap_or(0.0);
+    let requests = answers.len() as i64;
+    let came_back = (started.elapsed().as_secs_f64() / 0.036 + 2.0) as i64;
+    let least = answers.iter().filter_map(|a| a.1).min().unwrap_or(burst);
+    eprintln!(
+        "prepaid through the gateway: {requests} requests, {credit} from credit, {calls} script \
+         calls; least RateLimit remaining {least} (burst less requests: {})",
+        burst - requests
+    );
+    assert!(
+        answers.iter().all(|a| a.0 == 200 && a.1.is_some()),
+        "an answer was not a 200 with RateLimit"
+    );
+    assert!(
+        credit * 2.0 > requests as f64,
+        "{credit} of {requests} requests from credit"
+    );
+    assert!(
+        (calls as i64) * 5 < requests,
+        "{calls} script calls for {requests} requests"
+    );
+    // At most the credit still held (a grant of 20 ms of this traffic) below, and what came
+    // back and the answers still in flight above.
+    assert!(
+        (burst - requests - 1000..=burst - requests + came_back + 8).contains(&least),
+        "least remaining {least} for {requests} requests of a burst of {burst}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1457,7 +1457,7 @@ fn render(
                 "–".into()
             },
             r.errors,
-            r.redis_per_req.map_or("–".into(), |v| format!("{v:.2}")),
+            r.redis_per_req.map_or("–".into(), |v| format!("{v:.4}")),
         );
     }
     let _ = writeln!(
@@ -1566,7 +1566,7 @@ fn render(
         if let Some(v) = rows[r].redis_per_req {
             let _ = writeln!(
                 s,
-                "| ≤ 1 Redis round trip per admitted request | {v:.2} commands | {} |",
+                "| ≤ 1 Redis round trip per admitted request | {v:.4} commands | {} |",
                 met(v <= 1.05)
             );
         }

@@ -9,13 +9,19 @@
 //!
 //! What it costs, and the bounds that keep it small:
 //! - A grant is sized to `horizon` of the bucket's own traffic here (20 ms by default), at most
-//!   1% of its burst, and at least [`MIN_GRANT`] tokens: a bucket slower than that (under
-//!   800 requests/s at 20 ms), or with a burst under 1,600, is never prepaid, and every one of
-//!   its requests asks Redis, as before.
+//!   1% of its burst, and at least [`MIN_GRANT`] tokens: a bucket drawing less than that (under
+//!   800 tokens/s at 20 ms), or with a burst under 1,600, is never prepaid, and every one of its
+//!   requests asks Redis, as before. A request asks only when every one of its buckets is
+//!   prepaid (a grant its other buckets could never let it spend would be lost), and not for a
+//!   cost above the grant.
 //! - Redis grants only while the bucket would keep at least half its burst after the grant. Near
 //!   the limit, every request is decided by Redis on its own, exactly.
-//! - Tokens not spent within [`CREDIT_TTL`] are dropped (they stay consumed in Redis): at most
-//!   one grant, when a bucket's traffic stops.
+//! - Tokens not spent within ten horizons (200 ms by default; at most [`CREDIT_TTL`]) are dropped
+//!   (they stay consumed in Redis): at most one grant, when a bucket's traffic stops.
+//! - The bound on what is admitted is GCRA's, plus at most what each replica holds: tokens taken
+//!   at a grant are spent up to that expiry later, and over that time the bucket refills in
+//!   Redis. So over any interval a bucket admits at most its rate times the interval, plus its
+//!   burst, plus one grant (at most 1% of the burst) a replica.
 //! - The `RateLimit` figures of a request spent here are this replica's view: the bucket as Redis
 //!   left it at the grant, less what was spent here since. Another replica's traffic shows at the
 //!   next grant.
@@ -35,8 +41,9 @@ use crate::FastMap;
 pub const MIN_GRANT: u64 = 16;
 /// A grant is at most this share of a bucket's burst.
 const BURST_SHARE: u64 = 100;
-/// Credit not spent within this is dropped.
+/// Credit not spent within ten horizons, or this if sooner, is dropped.
 const CREDIT_TTL: Duration = Duration::from_secs(1);
+const TTL_HORIZONS: u32 = 10;
 /// A bucket's traffic here is measured over windows of this length.
 const WINDOW: Duration = Duration::from_millis(100);
 /// A grant asked for and not answered within this (a failed call, a request given up) may be
@@ -97,7 +104,9 @@ impl Credit {
             return;
         }
         let per_horizon = self.seen as u128 * horizon.as_nanos() / elapsed as u128;
-        let size = (per_horizon as u64).min(self.rate.burst / BURST_SHARE);
+        let size = u64::try_from(per_horizon)
+            .unwrap_or(u64::MAX)
+            .min(self.rate.burst / BURST_SHARE);
         self.want = if size < MIN_GRANT { 0 } else { size };
         self.window = now;
         self.seen = 0;
@@ -116,10 +125,17 @@ impl Credit {
     }
 
     /// Whether a request of `cost` may be spent here: the credit is there, and either enough is
-    /// left after it, or the next grant is already asked for, or none is wanted.
-    fn covers(&self, cost: u64, now: Nanos) -> bool {
+    /// left after it, or the next grant is already asked for, or none is wanted (or `drain`: the
+    /// bucket is known empty in Redis, so no grant would come).
+    fn covers(&self, cost: u64, now: Nanos, drain: bool) -> bool {
         let held = self.held(now);
-        held >= cost && (held - cost >= self.want / 2 || self.want == 0 || self.asking(now))
+        held >= cost
+            && (drain || held - cost >= self.want / 2 || self.want == 0 || self.asking(now))
+    }
+
+    /// Whether a request of `cost` on this bucket could take part in a grant.
+    fn prepaid(&self, c: &Charge) -> bool {
+        self.rate == c.rate && self.want > 0 && c.cost <= self.want
     }
 }
 
@@ -192,8 +208,10 @@ impl Credits {
     }
 
     /// The request's outcomes when every bucket has the credit for it (and then it is spent),
-    /// else `None`: the request goes to Redis. Counts the request's traffic either way.
-    pub fn spend(&self, charges: &[Charge], now: Nanos) -> Option<Vec<Outcome>> {
+    /// else `None`: the request goes to Redis. Counts the request's traffic either way, unless
+    /// `drain` (a second look, for a request the deny-cache would refuse: what is held is spent
+    /// down to the last token, since no grant will come).
+    pub fn spend(&self, charges: &[Charge], now: Nanos, drain: bool) -> Option<Vec<Outcome>> {
         if !self.enabled() || charges.is_empty() {
             return None;
         }
@@ -211,8 +229,10 @@ impl Credits {
         for (c, &g) in charges.iter().zip(&at) {
             match guards[g].credit(c, now) {
                 Some(credit) => {
-                    credit.observe(c.cost, now, self.horizon);
-                    covered &= credit.covers(c.cost, now);
+                    if !drain {
+                        credit.observe(c.cost, now, self.horizon);
+                    }
+                    covered &= credit.covers(c.cost, now, drain);
                 }
                 None => covered = false,
             }
@@ -233,8 +253,9 @@ impl Credits {
         }
         for ((c, o), &g) in charges.iter().zip(&outcomes).zip(&at) {
             if let Some(credit) = guards[g].buckets.get_mut(&c.key) {
-                // Saturating: one bucket charged twice by one request is taken twice here, as
-                // in Redis, and never below nothing.
+                // Saturating: a bucket charged twice by one request is taken twice here (Redis,
+                // reading it once for both, takes it once: this errs towards admitting less),
+                // and never below nothing.
                 credit.tokens = credit.tokens.saturating_sub(c.cost);
                 credit.tat = o.tat;
             }
@@ -243,19 +264,29 @@ impl Credits {
     }
 
     /// For a request going to Redis: the grant to ask for each of its buckets (0: none), marking
-    /// the buckets whose grant is now asked for.
+    /// the buckets whose grant is now asked for. Nothing is asked unless every bucket of the
+    /// request is prepaid: a grant the request's other buckets would never let it spend would
+    /// only be lost.
     pub fn to_ask(&self, charges: &[Charge], now: Nanos) -> Vec<u64> {
         let mut asks = vec![0; charges.len()];
         if !self.enabled() {
             return asks;
         }
+        let prepaid = charges.iter().all(|c| {
+            self.lock(shard_of(&c.key))
+                .buckets
+                .get(&c.key)
+                .is_some_and(|credit| credit.prepaid(c))
+        });
+        if !prepaid {
+            return asks;
+        }
         for (c, ask) in charges.iter().zip(&mut asks) {
             let mut shard = self.lock(shard_of(&c.key));
             if let Some(credit) = shard.buckets.get_mut(&c.key) {
-                if credit.rate == c.rate
-                    && credit.want > 0
+                if credit.prepaid(c)
                     && !credit.asking(now)
-                    && credit.held(now) < c.cost + credit.want / 2
+                    && credit.held(now) < c.cost.saturating_add(credit.want / 2)
                 {
                     *ask = credit.want;
                     credit.asked = now;
@@ -263,6 +294,16 @@ impl Credits {
             }
         }
         asks
+    }
+
+    /// The grants a request asked for will not come (its call failed, or it never went): they
+    /// may be asked for again at once.
+    pub fn unask(&self, charges: &[Charge], asks: &[u64]) {
+        for (c, _) in charges.iter().zip(asks).filter(|(_, &a)| a > 0) {
+            if let Some(credit) = self.lock(shard_of(&c.key)).buckets.get_mut(&c.key) {
+                credit.asked = 0;
+            }
+        }
     }
 
     /// Takes what a script call granted (or refused).
@@ -286,9 +327,12 @@ impl Credits {
             let held = credit.held(now);
             let interval = gcra::interval_nanos(&g.rate);
             let ahead = ((g.base_us - g.now_us).max(0.0) * 1000.0) as u64;
-            credit.tat = (now + ahead).saturating_sub(held.saturating_mul(interval));
-            credit.tokens = held + g.tokens;
-            credit.expires = now + CREDIT_TTL.as_nanos() as u64;
+            credit.tat = now
+                .saturating_add(ahead)
+                .saturating_sub(held.saturating_mul(interval));
+            credit.tokens = held.saturating_add(g.tokens);
+            let ttl = (self.horizon * TTL_HORIZONS).min(CREDIT_TTL);
+            credit.expires = now.saturating_add(ttl.as_nanos() as u64);
         }
     }
 
@@ -336,7 +380,7 @@ mod tests {
         let mut asked = Vec::new();
         for i in 0..n {
             let now = start + i * gap;
-            if credits.spend(c, now).is_some() {
+            if credits.spend(c, now, false).is_some() {
                 spent += 1;
             } else {
                 asked.extend(credits.to_ask(c, now).into_iter().filter(|&a| a > 0));
@@ -400,16 +444,61 @@ mod tests {
         drive(&credits, &both, MS, MS / 10, 1001);
         credits.take(&[granted(&both[0], 300)], 102 * MS);
         // Only the first bucket holds credit: nothing is spent from it.
-        assert!(credits.spend(&both, 103 * MS).is_none());
+        assert!(credits.spend(&both, 103 * MS, false).is_none());
         assert_eq!(credits.held(&both[0].key, 103 * MS), 300);
         credits.take(&[granted(&both[1], 300)], 104 * MS);
-        let outcomes = credits.spend(&both, 105 * MS).unwrap();
+        let outcomes = credits.spend(&both, 105 * MS, false).unwrap();
         assert_eq!(outcomes.len(), 2);
         assert_eq!(credits.held(&both[0].key, 105 * MS), 299);
         assert_eq!(credits.held(&both[1].key, 105 * MS), 299);
         // The figures are the bucket's as Redis left it, less what is spent here: full, but for
         // this one request.
         assert_eq!(outcomes[0].remaining, fast().burst - 1);
+    }
+
+    /// A request with a bucket that is never prepaid asks for no grant for its busy one (it could
+    /// never spend it); a request costing more than a grant asks for none either.
+    #[test]
+    fn a_request_asks_only_when_every_bucket_is_prepaid() {
+        let credits = Credits::new(Duration::from_millis(20));
+        let small = Rate::new(1000, Duration::from_secs(1));
+        let mixed = [charge("tg:{a}:api", fast()), charge("tg:{a}:key", small)];
+        let (_, asked) = drive(&credits, &mixed, MS, MS / 10, 2000);
+        assert!(asked.is_empty(), "{asked:?}");
+        // The same traffic on the busy bucket alone asks.
+        let alone = [charge("tg:{c}:api", fast())];
+        let (_, asked) = drive(&credits, &alone, MS, MS / 10, 1001);
+        assert_eq!(asked, vec![200]);
+        // Grants of this bucket are at most 2,000 (1% of its burst): a cost of 5,000 asks none.
+        let heavy = [Charge {
+            cost: 5000,
+            ..charge("tg:{b}:api", Rate::new(200_000, Duration::from_secs(60)))
+        }];
+        let (_, asked) = drive(&credits, &heavy, MS, MS, 300);
+        assert!(asked.is_empty(), "{asked:?}");
+    }
+
+    /// A grant whose call failed may be asked for again at once; what is held is spent down to
+    /// the last token when the bucket is known empty (`drain`).
+    #[test]
+    fn a_failed_ask_is_asked_again_and_a_drain_spends_the_last_tokens() {
+        let credits = Credits::new(Duration::from_millis(20));
+        let c = [charge("tg:{a}:api", fast())];
+        drive(&credits, &c, MS, MS / 10, 1001);
+        // The first ask is out: no second one while it is.
+        assert!(credits.to_ask(&c, 102 * MS).iter().all(|&a| a == 0));
+        credits.unask(&c, &[200]);
+        assert_eq!(credits.to_ask(&c, 103 * MS), vec![200]);
+        credits.take(&[granted(&c[0], 200)], 104 * MS);
+        let (spent, _) = drive(&credits, &c, 104 * MS, MS / 100, 100);
+        assert_eq!(spent, 100);
+        // 100 held, the grant wanted 200: no more without a new grant...
+        assert!(credits.spend(&c, 106 * MS, false).is_none());
+        // ...unless no grant will come.
+        for _ in 0..100 {
+            assert!(credits.spend(&c, 106 * MS, true).is_some());
+        }
+        assert!(credits.spend(&c, 106 * MS, true).is_none());
     }
 
     /// A flood of new keys: the buckets followed stay bounded, a full shard is swept at most
@@ -419,7 +508,7 @@ mod tests {
         let credits = Credits::new(Duration::from_millis(20));
         for i in 0..150_000 {
             let c = [charge(&format!("tg:{{ip:{i}}}:unauthenticated"), fast())];
-            assert!(credits.spend(&c, MS + i).is_none());
+            assert!(credits.spend(&c, MS + i, false).is_none());
         }
         assert!(credits.len() <= MAX_BUCKETS, "{} buckets", credits.len());
         assert!(
@@ -430,7 +519,7 @@ mod tests {
         // Two seconds on, the flood's buckets are idle: new keys take their place.
         for i in 0..1000 {
             let c = [charge(&format!("tg:{{later:{i}}}:api"), fast())];
-            credits.spend(&c, 2000 * MS + i);
+            credits.spend(&c, 2000 * MS + i, false);
         }
         assert!(credits.len() < 2000, "{} buckets", credits.len());
     }
@@ -442,14 +531,14 @@ mod tests {
         drive(&credits, &c, MS, MS / 10, 1001);
         credits.take(&[granted(&c[0], 200)], 102 * MS);
         assert!(credits
-            .spend(&c, 102 * MS + CREDIT_TTL.as_nanos() as u64)
+            .spend(&c, 102 * MS + CREDIT_TTL.as_nanos() as u64, false)
             .is_none());
         credits.take(&[granted(&c[0], 200)], 2000 * MS);
         let changed = [charge(
             "tg:{a}:api",
             Rate::new(2_000_000, Duration::from_secs(60)),
         )];
-        assert!(credits.spend(&changed, 2001 * MS).is_none());
+        assert!(credits.spend(&changed, 2001 * MS, false).is_none());
         assert_eq!(credits.held(&c[0].key, 2001 * MS), 0);
         // A refused grant: what is held is spent with no more asking until the next window.
         drive(&credits, &c, 3000 * MS, MS / 10, 1001);

@@ -458,13 +458,21 @@ impl RedisLimiter {
         }
         // Credit held for every bucket was taken in Redis already: it is spent even when another
         // replica has since emptied a bucket (the deny-cache's news).
-        if let Some(outcomes) = self.credits.spend(charges, self.now_nanos()) {
+        let now = self.now_nanos();
+        if let Some(outcomes) = self.credits.spend(charges, now, false) {
             self.metrics
                 .credit_decisions
                 .fetch_add(1, Ordering::Relaxed);
             return Some(combine(charges, &outcomes));
         }
         if let Some(denial) = self.cached_denial(charges) {
+            // No grant comes for a bucket known empty: what is held is spent to the last token.
+            if let Some(outcomes) = self.credits.spend(charges, now, true) {
+                self.metrics
+                    .credit_decisions
+                    .fetch_add(1, Ordering::Relaxed);
+                return Some(combine(charges, &outcomes));
+            }
             self.metrics.deny_cache_hits.fetch_add(1, Ordering::Relaxed);
             return Some(Decision::Denied(denial));
         }
@@ -481,8 +489,8 @@ impl RedisLimiter {
         let job = Job {
             buckets: charges
                 .iter()
-                .zip(asks)
-                .map(|(c, ask)| Bucket::of(c, ask))
+                .zip(&asks)
+                .map(|(c, &ask)| Bucket::of(c, ask))
                 .collect(),
             reply,
         };
@@ -503,8 +511,12 @@ impl RedisLimiter {
                 decision
             }
             // The call failed (the batcher marked it), or the queue was full.
-            Some(Err(())) => self.under_policy(charges),
+            Some(Err(())) => {
+                self.credits.unask(charges, &asks);
+                self.under_policy(charges)
+            }
             None => {
+                self.credits.unask(charges, &asks);
                 self.mark_failed("the Redis batcher is gone");
                 self.under_policy(charges)
             }

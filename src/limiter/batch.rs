@@ -398,6 +398,19 @@ mod tests {
         }
     }
 
+    /// The command a plan sends, its arguments joined by spaces.
+    fn command_line(plan: &Plan) -> String {
+        let args: Vec<String> = plan
+            .command("sha")
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(v) => String::from_utf8_lossy(v).into_owned(),
+                _ => "(not a plain argument)".into(),
+            })
+            .collect();
+        args.join(" ")
+    }
+
     #[test]
     fn requests_of_one_shape_are_one_run_and_buckets_are_sent_once() {
         let a = bucket("tg:{x}:api", 1000, 10, 1);
@@ -427,16 +440,8 @@ mod tests {
                 },
             ]
         );
-        let args: Vec<String> = plan
-            .command("sha")
-            .args_iter()
-            .map(|a| match a {
-                redis::Arg::Simple(v) => String::from_utf8_lossy(v).into_owned(),
-                _ => "(not a plain argument)".into(),
-            })
-            .collect();
         assert_eq!(
-            args.join(" "),
+            command_line(&plan),
             "EVALSHA sha 2 tg:{x}:api tg:{x}:key 1000 10 0 0 2000 5 0 0 \
              3 2 1 1 2 1 1 1 1 3 1 2 1 1 2 1"
         );
@@ -570,16 +575,8 @@ mod tests {
             std::slice::from_ref(&more),
         ];
         let plan = Plan::new(requests);
-        let args: Vec<String> = plan
-            .command("sha")
-            .args_iter()
-            .map(|a| match a {
-                redis::Arg::Simple(v) => String::from_utf8_lossy(v).into_owned(),
-                _ => "(not a plain argument)".into(),
-            })
-            .collect();
         assert_eq!(
-            args.join(" "),
+            command_line(&plan),
             "EVALSHA sha 1 tg:{x}:api 1000 100 0 50 3 1 1 1"
         );
         // A full bucket: three requests leave 97; a grant of 50 leaves 47 (under half the

@@ -184,8 +184,7 @@ impl Shard {
 const SHARDS: usize = 16;
 
 fn shard_of(key: &BucketKey) -> usize {
-    use std::hash::BuildHasher;
-    (foldhash::fast::FixedState::default().hash_one(key) as usize) % SHARDS
+    key.shard(SHARDS)
 }
 
 impl Credits {

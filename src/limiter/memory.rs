@@ -48,9 +48,7 @@ impl MemoryLimiter {
     }
 
     fn shard_of(key: &BucketKey) -> usize {
-        use std::hash::BuildHasher;
-        let h = foldhash::fast::FixedState::default().hash_one(key);
-        (h as usize) % SHARDS
+        key.shard(SHARDS)
     }
 
     /// Buckets currently held (for metrics and the memory benchmark).

@@ -28,6 +28,13 @@ impl BucketKey {
     pub fn new(account: &uuid::Uuid, scope: &str) -> BucketKey {
         BucketKey(format!("tg:{{{account}}}:{scope}").into())
     }
+
+    /// Which of `shards` locks this bucket's state sits under (a fixed hash: the same in every
+    /// map that shards by it).
+    pub fn shard(&self, shards: usize) -> usize {
+        use std::hash::BuildHasher;
+        (foldhash::fast::FixedState::default().hash_one(self) as usize) % shards
+    }
 }
 
 /// One bucket a request draws on.

@@ -459,19 +459,20 @@ impl RedisLimiter {
         // Credit held for every bucket was taken in Redis already: it is spent even when another
         // replica has since emptied a bucket (the deny-cache's news).
         let now = self.now_nanos();
-        if let Some(outcomes) = self.credits.spend(charges, now, false) {
+        let from_credit = |drain| {
+            let outcomes = self.credits.spend(charges, now, drain)?;
             self.metrics
                 .credit_decisions
                 .fetch_add(1, Ordering::Relaxed);
-            return Some(combine(charges, &outcomes));
+            Some(combine(charges, &outcomes))
+        };
+        if let Some(decision) = from_credit(false) {
+            return Some(decision);
         }
         if let Some(denial) = self.cached_denial(charges) {
             // No grant comes for a bucket known empty: what is held is spent to the last token.
-            if let Some(outcomes) = self.credits.spend(charges, now, true) {
-                self.metrics
-                    .credit_decisions
-                    .fetch_add(1, Ordering::Relaxed);
-                return Some(combine(charges, &outcomes));
+            if let Some(decision) = from_credit(true) {
+                return Some(decision);
             }
             self.metrics.deny_cache_hits.fetch_add(1, Ordering::Relaxed);
             return Some(Decision::Denied(denial));

@@ -842,32 +842,26 @@ async fn run(o: &Opts, machine: &str) -> String {
         "backend = \"redis\"\nredis_url = \"redis://127.0.0.1:{redis_port}\"\ntimeout = \"20ms\""
     );
 
-    let mut cases: Vec<(&str, Option<Proxy>, Target)> = vec![(
-        "direct (upstream)",
-        None,
-        Target {
-            addr: ([127, 0, 0, 1], up_port).into(),
-            path: "/api/flows/bench".into(),
-            key: false,
-            grpc: false,
-        },
-    )];
-    if let Some(n) = start_nginx(dir.path(), up_port) {
-        let port = n.port;
-        cases.push((
-            "nginx (plain proxy)",
-            Some(n),
-            Target {
-                addr: ([127, 0, 0, 1], port).into(),
-                path: "/api/flows/bench".into(),
-                key: false,
-                grpc: false,
-            },
-        ));
-    }
+    // Every REST case is sent the same request: a Prefect client's read of a flow under its
+    // account and workspace, with its API key. The direct path and nginx pass it on as it came
+    // (the fixed upstream answers any path); tollgate checks the key, strips it and rewrites the
+    // path. A lighter request for some cases would leave their load client and upstream, which
+    // share CPU 1 and often bound the throughput, less work to do.
     let flow_path = format!(
         "/api/accounts/{ACCOUNT}/workspaces/{WORKSPACE}/flows/5a3c1f9e-0000-4000-8000-000000000000"
     );
+    let rest = |port: u16| Target {
+        addr: ([127, 0, 0, 1], port).into(),
+        path: flow_path.clone(),
+        key: true,
+        grpc: false,
+    };
+    let mut cases: Vec<(&str, Option<Proxy>, Target)> =
+        vec![("direct (upstream)", None, rest(up_port))];
+    if let Some(n) = start_nginx(dir.path(), up_port) {
+        let port = n.port;
+        cases.push(("nginx (plain proxy)", Some(n), rest(port)));
+    }
     let plain = start_tollgate(
         o,
         dir.path(),
@@ -891,16 +885,7 @@ async fn run(o: &Opts, machine: &str) -> String {
         ("tollgate, auth + memory limiter", memory),
     ] {
         let port = p.port;
-        cases.push((
-            name,
-            Some(p),
-            Target {
-                addr: ([127, 0, 0, 1], port).into(),
-                path: flow_path.clone(),
-                key: true,
-                grpc: false,
-            },
-        ));
+        cases.push((name, Some(p), rest(port)));
     }
     if redis.is_some() {
         let p = start_tollgate(
@@ -913,16 +898,7 @@ async fn run(o: &Opts, machine: &str) -> String {
             0,
         );
         let port = p.port;
-        cases.push((
-            "tollgate, auth + Redis limiter",
-            Some(p),
-            Target {
-                addr: ([127, 0, 0, 1], port).into(),
-                path: flow_path.clone(),
-                key: true,
-                grpc: false,
-            },
-        ));
+        cases.push(("tollgate, auth + Redis limiter", Some(p), rest(port)));
     }
 
     let g = start_tollgate(
@@ -1418,7 +1394,10 @@ fn render(
         s,
         "The proxy under test (nginx: 1 worker; tollgate: its runtime) is pinned to CPU 0; the load client and the \
          fixed-response upstream share CPU 1. Throughput is then often bounded by CPU 1 for every case, so the \
-         CPU-per-request column is the fairer measure of a proxy's cost. Access logs are off for both proxies. \
+         CPU-per-request column is the fairer measure of a proxy's cost. Every REST case is sent the same \
+         request, a Prefect client's read of a flow under its account and workspace with its API key: the \
+         direct path and nginx pass it on as it came, tollgate checks the key, strips it and rewrites the path. \
+         Access logs are off for both proxies. \
          How the figures were brought here, with profiles and before/after numbers: docs/PERFORMANCE.md.\n"
     );
     let nginx = cases.iter().position(|c| c.0.starts_with("nginx"));

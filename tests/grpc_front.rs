@@ -214,6 +214,12 @@ async fn transcoded_calls_are_framed_by_their_bodies() {
         get.headers
     );
     assert_eq!(get.header("transfer-encoding"), None);
+    assert_eq!(
+        get.header("content-type"),
+        None,
+        "a read has no content to type"
+    );
+    assert_eq!(get.header("accept").as_deref(), Some("application/json"));
 
     assert_eq!(post.method, "POST");
     let body: serde_json::Value = serde_json::from_slice(&post.body).expect("a JSON body");
@@ -235,6 +241,12 @@ async fn transcoded_calls_are_framed_by_their_bodies() {
         bodiless.header("content-length").as_deref(),
         Some("0"),
         "a bodiless POST says so"
+    );
+    assert_eq!(
+        bodiless.header("content-type"),
+        None,
+        "{:?}",
+        bodiless.headers
     );
 }
 

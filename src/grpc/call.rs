@@ -63,10 +63,6 @@ impl Call {
         }
         let client = ext.get::<ClientAddr>();
         proxy::to_upstream_headers(&mut headers, client, ctx.host, &workspace.upstream);
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         Ok(Call {
             gw: gw.clone(),
@@ -97,13 +93,24 @@ impl Call {
             .upstream
             .origin_uri_for(rest, query)
             .map_err(|e| GatewayError::BadRequest(format!("cannot build the upstream URI: {e}")))?;
-        let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let mut headers = self.headers;
+        // A Content-Type only with a body: a read (most calls) sends none.
+        let bytes = match body {
+            Some(b) => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                Bytes::from(b.to_string())
+            }
+            None => Bytes::new(),
+        };
         // No Content-Length here: the upstream client frames the body by its exact size, and a
         // bodiless POST still gets `content-length: 0`.
         let mut req = http::Request::new(Body::from(bytes));
         *req.method_mut() = method;
         *req.uri_mut() = uri;
-        *req.headers_mut() = self.headers;
+        *req.headers_mut() = headers;
 
         let mut timeout = self.gw.settings.upstream_timeout;
         if let Some(deadline) = self.deadline {

@@ -294,11 +294,11 @@ struct Target {
     grpc: bool,
 }
 
-async fn drive(target: &Target, conns: usize, secs: f64, rate: Option<f64>) -> Stats {
+async fn drive(target: &Target, conns: usize, secs: f64) -> Stats {
     if target.grpc {
         grpc_load(target.addr, conns, secs).await
     } else {
-        load(target, conns, secs, rate).await
+        load(target, conns, secs).await
     }
 }
 
@@ -338,9 +338,8 @@ async fn finish(
 }
 
 /// `conns` keep-alive connections, each sending the next request when the last one is answered
-/// (closed loop), or, with `rate`, at fixed intervals (a request whose connection was still busy
-/// at its intended send time is measured from that time, so a stall is charged, not hidden).
-async fn load(target: &Target, conns: usize, secs: f64, rate: Option<f64>) -> Stats {
+/// (closed loop). Fixed-rate latency is `paced`'s.
+async fn load(target: &Target, conns: usize, secs: f64) -> Stats {
     // The request's parts are built once and cloned (a clone shares the path and the values):
     // the load client shares a core with the upstream, and what it spends there is not the
     // proxy's to measure.
@@ -362,7 +361,7 @@ async fn load(target: &Target, conns: usize, secs: f64, rate: Option<f64>) -> St
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for c in 0..conns {
+    for _ in 0..conns {
         let t = target.clone();
         let stop = stop.clone();
         let parts = parts.clone();
@@ -372,26 +371,8 @@ async fn load(target: &Target, conns: usize, secs: f64, rate: Option<f64>) -> St
                 s.errors += 1;
                 return s;
             };
-            let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
-            let mut next = Instant::now()
-                + interval.map_or(Duration::ZERO, |i| i.mul_f64(c as f64 / conns as f64));
-            let mut busy_until = Instant::now();
             while !stop.load(Ordering::Relaxed) {
-                if interval.is_some() {
-                    tokio::time::sleep_until(next.into()).await;
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                }
-                // At a fixed rate, latency runs from the intended send time when this
-                // connection was still busy then (a stall is charged, not hidden), else from
-                // the actual send: the client's timer waking late is not the server's latency.
-                let now = Instant::now();
-                let sent = if interval.is_some() && busy_until > next {
-                    next
-                } else {
-                    now
-                };
+                let sent = Instant::now();
                 let req = hyper::Request::from_parts(parts.clone(), Empty::new());
                 if send.ready().await.is_err() {
                     match connect(t.addr).await {
@@ -422,15 +403,167 @@ async fn load(target: &Target, conns: usize, secs: f64, rate: Option<f64>) -> St
                         }
                     }
                 }
-                busy_until = Instant::now();
-                if let Some(i) = interval {
-                    next += i;
-                }
             }
             s
         }));
     }
     finish(tasks, &stop, started, secs).await
+}
+
+/// Fixed-rate load for latency: `conns` keep-alive connections, each on a thread of its own
+/// that sleeps until its next send time (the connections' times interleaved, so that the sends
+/// are spread evenly over each interval), writes a request encoded once and reads the answer
+/// (sized by its Content-Length). tokio's timer ticks in milliseconds: its sleeps released the
+/// connections together, ten at a tick at 10,000 req/s, and the latencies were those of a
+/// burst waiting its turn. A request whose connection was still busy at its intended send time
+/// is measured from that time, so a stall is charged, not hidden; otherwise from the send,
+/// since a late timer is not the server's latency.
+fn paced(target: &Target, conns: usize, secs: f64, rate: f64) -> Stats {
+    let interval = Duration::from_secs_f64(conns as f64 / rate);
+    let auth = if target.key {
+        format!("authorization: Bearer {KEY}\r\n")
+    } else {
+        String::new()
+    };
+    let request = format!(
+        "GET {} HTTP/1.1\r\nhost: bench\r\nuser-agent: prefect/3.9.1 (API 0.8.4)\r\n{auth}\r\n",
+        target.path
+    )
+    .into_bytes();
+    let started = Instant::now() + Duration::from_millis(20);
+    let end = started + Duration::from_secs_f64(secs);
+    let threads: Vec<_> = (0..conns)
+        .map(|c| {
+            let (addr, request) = (target.addr, request.clone());
+            std::thread::spawn(move || {
+                let first = started + interval.mul_f64(c as f64 / conns as f64);
+                paced_connection(addr, &request, first, interval, end)
+            })
+        })
+        .collect();
+    let mut total = Stats {
+        secs,
+        ..Stats::default()
+    };
+    for t in threads {
+        if let Ok(s) = t.join() {
+            total.ok += s.ok;
+            total.errors += s.errors;
+            total.latencies_us.extend(s.latencies_us);
+        }
+    }
+    total
+}
+
+fn paced_connection(
+    addr: SocketAddr,
+    request: &[u8],
+    mut next: Instant,
+    interval: Duration,
+    end: Instant,
+) -> Stats {
+    use std::io::Write;
+    let mut s = Stats::default();
+    let mut conn: Option<std::net::TcpStream> = None;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut busy_until = Instant::now();
+    while next < end {
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        }
+        let sent = if busy_until > next {
+            next
+        } else {
+            Instant::now()
+        };
+        let tcp = match &mut conn {
+            Some(tcp) => tcp,
+            None => match std::net::TcpStream::connect(addr) {
+                Ok(tcp) => {
+                    let _ = tcp.set_nodelay(true);
+                    conn.insert(tcp)
+                }
+                Err(_) => {
+                    s.errors += 1;
+                    break;
+                }
+            },
+        };
+        let answer = match tcp.write_all(request) {
+            Ok(()) => read_answer(tcp, &mut buf),
+            Err(_) => None,
+        };
+        match answer {
+            Some(Answer { ok, close }) => {
+                if ok {
+                    s.ok += 1;
+                    s.latencies_us
+                        .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                } else {
+                    s.errors += 1;
+                }
+                // nginx ends a kept connection after `keepalive_requests` (1000) answers.
+                if close {
+                    conn = None;
+                }
+            }
+            None => {
+                s.errors += 1;
+                conn = None;
+            }
+        }
+        busy_until = Instant::now();
+        next += interval;
+    }
+    s
+}
+
+struct Answer {
+    /// A 2xx.
+    ok: bool,
+    /// The server ends the connection after this answer (`Connection: close`).
+    close: bool,
+}
+
+/// Reads one HTTP/1.1 answer sized by its Content-Length; None when the connection failed or
+/// the answer is not framed so.
+fn read_answer(tcp: &mut std::net::TcpStream, buf: &mut [u8]) -> Option<Answer> {
+    use std::io::Read;
+    let mut have = 0;
+    let (mut left, answer) = loop {
+        if have == buf.len() {
+            return None;
+        }
+        let n = tcp.read(&mut buf[have..]).ok()?;
+        if n == 0 {
+            return None;
+        }
+        have += n;
+        if let Some(i) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buf[..i]).ok()?;
+            let field = |name: &str| {
+                head.lines().find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+                })
+            };
+            let len: usize = field("content-length")?.parse().ok()?;
+            let answer = Answer {
+                ok: head.get(9..10) == Some("2"),
+                close: field("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")),
+            };
+            break ((i + 4 + len).saturating_sub(have), answer);
+        }
+    };
+    while left > 0 {
+        let n = tcp.read(buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        left = left.saturating_sub(n);
+    }
+    Some(answer)
 }
 
 /// Unary gRPC through the gateway: `Flows.Read`, transcoded to `GET /api/flows/{id}` on the same
@@ -807,12 +940,10 @@ fn main() {
             .iter()
             .position(|a| a == "--rate")
             .map(|i| arg::<f64>(&args, i + 1, "--rate R"));
-        let s = rt.block_on(load(
-            &target,
-            if rate.is_some() { 16 } else { 32 },
-            secs,
-            rate,
-        ));
+        let s = match rate {
+            Some(r) => paced(&target, 16, secs, r),
+            None => rt.block_on(load(&target, 32, secs)),
+        };
         if rate.is_some() {
             println!(
                 "p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, {} errors",
@@ -967,7 +1098,7 @@ async fn run(o: &Opts, machine: &str) -> String {
 
     // Warm up every path (connection pools, the Redis script cache).
     for (_, _, t) in &cases {
-        let _ = drive(t, 4, 0.3, None).await;
+        let _ = drive(t, 4, 0.3).await;
     }
 
     let mut rows: Vec<Row> = cases.iter().map(|_| Row::default()).collect();
@@ -984,7 +1115,7 @@ async fn run(o: &Opts, machine: &str) -> String {
             let cpu0 = pid.map(cpu_micros);
             let redis0 = redis.as_ref().map(|_| redis_round_trips(redis_port));
             let redis_cpu0 = redis.as_ref().map(|r| cpu_micros(r.pid()));
-            let s = drive(target, o.conns, o.seconds, None).await;
+            let s = drive(target, o.conns, o.seconds).await;
             let row = &mut rows[i];
             row.rps.push(s.rps());
             row.errors += s.errors;
@@ -1027,7 +1158,10 @@ async fn run(o: &Opts, machine: &str) -> String {
     let mut rounds: Vec<Vec<Stats>> = timed.iter().map(|_| Vec::new()).collect();
     for run in 0..o.runs {
         for (i, (name, _, target)) in timed.iter().enumerate() {
-            let s = load(target, 16, o.seconds.max(2.0), Some(fixed)).await;
+            let (t, secs) = ((*target).clone(), o.seconds.max(2.0));
+            let s = tokio::task::spawn_blocking(move || paced(&t, 16, secs, fixed))
+                .await
+                .unwrap_or_default();
             eprintln!(
                 "latency run {}: {name}: p50 {:.0} µs, p99 {:.0} µs",
                 run + 1,
@@ -1259,9 +1393,9 @@ async fn denied_redis_cost(
         key: true,
         grpc: false,
     };
-    let _ = load(&t, 1, 0.2, None).await;
+    let _ = load(&t, 1, 0.2).await;
     let before = redis_round_trips(redis_port);
-    let s = load(&t, 8, o.seconds.min(2.0), None).await;
+    let s = load(&t, 8, o.seconds.min(2.0)).await;
     let after = redis_round_trips(redis_port);
     (s.errors, after.saturating_sub(before))
 }
@@ -1486,6 +1620,12 @@ fn render(
         s,
         "\n## Latency at a fixed {fixed:.0} req/s (about 20% of the slowest case's throughput; 16 connections; each percentile the median of {runs} alternating round(s))\n",
         runs = o.runs
+    );
+    let _ = writeln!(
+        s,
+        "Each connection is a thread that sleeps until its send time, the connections' times interleaved so that \
+         the requests are spread evenly (not released together at a timer's millisecond tick), and a request \
+         whose connection was still busy at its time is measured from that time.\n"
     );
     let _ = writeln!(
         s,

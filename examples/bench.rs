@@ -270,6 +270,13 @@ struct Stats {
 }
 
 impl Stats {
+    /// One connection's figures, added to the run's.
+    fn add(&mut self, s: Stats) {
+        self.ok += s.ok;
+        self.errors += s.errors;
+        self.latencies_us.extend(s.latencies_us);
+    }
+
     fn rps(&self) -> f64 {
         self.ok as f64 / self.secs
     }
@@ -329,9 +336,7 @@ async fn finish(
     };
     for t in tasks {
         if let Ok(s) = t.await {
-            total.ok += s.ok;
-            total.errors += s.errors;
-            total.latencies_us.extend(s.latencies_us);
+            total.add(s);
         }
     }
     total
@@ -447,9 +452,7 @@ fn paced(target: &Target, conns: usize, secs: f64, rate: f64) -> Stats {
     };
     for t in threads {
         if let Ok(s) = t.join() {
-            total.ok += s.ok;
-            total.errors += s.errors;
-            total.latencies_us.extend(s.latencies_us);
+            total.add(s);
         }
     }
     total

@@ -270,6 +270,17 @@ struct Stats {
 }
 
 impl Stats {
+    /// One answer: its latency from `sent` when it succeeded, else an error.
+    fn record(&mut self, ok: bool, sent: Instant) {
+        if ok {
+            self.ok += 1;
+            let us = sent.elapsed().as_micros().min(u32::MAX as u128) as u32;
+            self.latencies_us.push(us);
+        } else {
+            self.errors += 1;
+        }
+    }
+
     /// One connection's figures, added to the run's.
     fn add(&mut self, s: Stats) {
         self.ok += s.ok;
@@ -392,13 +403,7 @@ async fn load(target: &Target, conns: usize, secs: f64) -> Stats {
                     Ok(resp) => {
                         let ok = resp.status().is_success();
                         let _ = resp.into_body().collect().await;
-                        if ok {
-                            s.ok += 1;
-                            s.latencies_us
-                                .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                        } else {
-                            s.errors += 1;
-                        }
+                        s.record(ok, sent);
                     }
                     Err(_) => {
                         s.errors += 1;
@@ -499,13 +504,7 @@ fn paced_connection(
         };
         match answer {
             Some(Answer { ok, close }) => {
-                if ok {
-                    s.ok += 1;
-                    s.latencies_us
-                        .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                } else {
-                    s.errors += 1;
-                }
+                s.record(ok, sent);
                 // nginx ends a kept connection after `keepalive_requests` (1000) answers.
                 if close {
                     conn = None;
@@ -639,14 +638,9 @@ async fn grpc_load(addr: SocketAddr, conns: usize, secs: f64) -> Stats {
             while !stop.load(Ordering::Relaxed) {
                 let sent = Instant::now();
                 let req = http::Request::from_parts(parts.clone(), ());
-                let ok = grpc_call(send.clone(), req, framed.clone()).await;
-                match ok {
-                    Ok(true) => {
-                        s.ok += 1;
-                        s.latencies_us
-                            .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                    }
-                    Ok(false) => s.errors += 1,
+                let answer = grpc_call(send.clone(), req, framed.clone()).await;
+                match answer {
+                    Ok(ok) => s.record(ok, sent),
                     Err(e) => {
                         if s.errors == 0 && c == 0 {
                             eprintln!("first gRPC error: {e}");

@@ -490,6 +490,8 @@ fn paced_connection(
             None => match std::net::TcpStream::connect(addr) {
                 Ok(tcp) => {
                     let _ = tcp.set_nodelay(true);
+                    // A server that stops answering fails the request, not the whole benchmark.
+                    let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
                     conn.insert(tcp)
                 }
                 Err(_) => {

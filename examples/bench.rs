@@ -35,6 +35,14 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 const ACCOUNT: &str = "11111111-1111-4111-8111-111111111111";
 const WORKSPACE: &str = "22222222-2222-4222-8222-222222222222";
 const KEY: &str = "pnu_benchbenchbenchbenchbenchbench12";
+/// What every REST case's request says of itself, in both load clients (hyper's and the paced one).
+const HOST: &str = "bench";
+const USER_AGENT: &str = "prefect/3.9.1 (API 0.8.4)";
+
+/// The `Authorization` value of the benchmark's key.
+fn bearer() -> String {
+    format!("Bearer {KEY}")
+}
 const BODY: &[u8] =
     br#"{"id":"5a3c1f9e-0000-4000-8000-000000000000","name":"bench","state_type":"COMPLETED"}"#;
 
@@ -362,15 +370,15 @@ async fn load(target: &Target, conns: usize, secs: f64) -> Stats {
     let mut head = http::Request::new(());
     *head.uri_mut() = target.path.parse().expect("request path");
     let h = head.headers_mut();
-    h.insert(http::header::HOST, http::HeaderValue::from_static("bench"));
+    h.insert(http::header::HOST, http::HeaderValue::from_static(HOST));
     h.insert(
         http::header::USER_AGENT,
-        http::HeaderValue::from_static("prefect/3.9.1 (API 0.8.4)"),
+        http::HeaderValue::from_static(USER_AGENT),
     );
     if target.key {
         h.insert(
             http::header::AUTHORIZATION,
-            http::HeaderValue::from_str(&format!("Bearer {KEY}")).expect("key header"),
+            http::HeaderValue::from_str(&bearer()).expect("key header"),
         );
     }
     let (parts, ()) = head.into_parts();
@@ -431,12 +439,12 @@ async fn load(target: &Target, conns: usize, secs: f64) -> Stats {
 fn paced(target: &Target, conns: usize, secs: f64, rate: f64) -> Stats {
     let interval = Duration::from_secs_f64(conns as f64 / rate);
     let auth = if target.key {
-        format!("authorization: Bearer {KEY}\r\n")
+        format!("authorization: {}\r\n", bearer())
     } else {
         String::new()
     };
     let request = format!(
-        "GET {} HTTP/1.1\r\nhost: bench\r\nuser-agent: prefect/3.9.1 (API 0.8.4)\r\n{auth}\r\n",
+        "GET {} HTTP/1.1\r\nhost: {HOST}\r\nuser-agent: {USER_AGENT}\r\n{auth}\r\n",
         target.path
     )
     .into_bytes();
@@ -624,7 +632,7 @@ async fn grpc_load(addr: SocketAddr, conns: usize, secs: f64) -> Stats {
     h.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
     h.insert(
         http::header::AUTHORIZATION,
-        http::HeaderValue::from_str(&format!("Bearer {KEY}")).expect("key header"),
+        http::HeaderValue::from_str(&bearer()).expect("key header"),
     );
     let (parts, ()) = head.into_parts();
     let stop = Arc::new(AtomicBool::new(false));

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod allocator;
 pub mod clock;
 pub mod cloud;
 pub mod commands;

@@ -53,6 +53,7 @@ pub async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     // The parsed file is not needed while serving (a reload reads it again); with many keys it
     // is most of the resident memory.
     drop(cfg);
+    crate::allocator::release_freed();
     if let Some(key) = dev_key {
         println!("export PREFECT_CLOUD_API_URL=http://{main_addr}/api");
         println!(

@@ -92,10 +92,14 @@ pub async fn run(gw: Arc<Gateway>, main: TcpListener, admin: TcpListener) -> any
                 let _ = tcp.set_nodelay(true);
                 conns.spawn(connection(tcp, peer, svc.clone(), builder.clone(), max_header_list, gw.shutdown.draining.clone()));
             }
-            _ = hangup.recv() => match gw.reload() {
-                Ok(()) => tracing::info!("config reloaded: accounts, plans, workspaces and keys"),
-                Err(e) => tracing::warn!(error = %e, "config reload refused; the running config stays"),
-            },
+            _ = hangup.recv() => {
+                match gw.reload() {
+                    Ok(()) => tracing::info!("config reloaded: accounts, plans, workspaces and keys"),
+                    Err(e) => tracing::warn!(error = %e, "config reload refused; the running config stays"),
+                }
+                // Refused or not, the file was parsed: its pages go back now.
+                crate::allocator::release_freed();
+            }
             _ = &mut signal => break,
         }
     }

@@ -15,14 +15,17 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 ///   of a few KiB came in more than that, so one request in five refilled the cache from the
 ///   arena and another flushed it back: 6% of a proxied request's instructions (callgrind).
 ///   64 to 400 blocks a size end that.
-/// - `background_thread` (one): freed pages go back to the system within `dirty_decay_ms`
-///   (10 s) even while the gateway is idle, as Redis configures its jemalloc. jemalloc
-///   otherwise purges only as it allocates, so an idle gateway kept what parsing its config had
-///   used: with 100,000 keys, 102 MB resident against 32 MB live (the parse peaks at 260 MB).
+/// - `background_thread` (one): what a spike frees goes back to the system within
+///   `dirty_decay_ms` (10 s) even if the gateway then goes idle, as Redis configures its
+///   jemalloc; jemalloc otherwise purges only as it allocates. (A config parse, the largest
+///   such free, is also purged at once: `purge_freed_pages`.)
 #[allow(unsafe_code)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: &u8 =
     &b"tcache_nslots_small_min:64,tcache_nslots_small_max:400,background_thread:true,max_background_threads:1\0"[0];
+
+use tollgate::commands;
+use tollgate::config::KeyKind;
 
 /// Returns every arena's freed pages to the system at once (`arena.<all>.purge`); the gateway
 /// calls it once a config is built (`tollgate::allocator`).
@@ -43,9 +46,6 @@ fn purge_freed_pages() {
         tracing::debug!(status, "jemalloc purge failed");
     }
 }
-
-use tollgate::commands;
-use tollgate::config::KeyKind;
 
 #[derive(Parser)]
 #[command(

@@ -1,6 +1,6 @@
 //! What the gateway asks of the process's allocator, which the binary chooses (`src/main.rs`
 //! installs jemalloc). Parsing a config file is the one large, short use of memory: 2.6 KB a key
-//! while it lasts, against 0.3 KB a key kept. jemalloc returns freed pages only as it goes on
+//! while it lasts, against 0.25 KB a key kept. jemalloc returns freed pages only as it goes on
 //! allocating, or from its background thread, which may sleep through a single large free; so
 //! the parse's pages are handed back explicitly once the config is built.
 

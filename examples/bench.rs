@@ -38,13 +38,13 @@ const KEY: &str = "pnu_benchbenchbenchbenchbenchbench12";
 /// What every REST case's request says of itself, in both load clients (hyper's and the paced one).
 const HOST: &str = "bench";
 const USER_AGENT: &str = "prefect/3.9.1 (API 0.8.4)";
+const BODY: &[u8] =
+    br#"{"id":"5a3c1f9e-0000-4000-8000-000000000000","name":"bench","state_type":"COMPLETED"}"#;
 
 /// The `Authorization` value of the benchmark's key.
 fn bearer() -> String {
     format!("Bearer {KEY}")
 }
-const BODY: &[u8] =
-    br#"{"id":"5a3c1f9e-0000-4000-8000-000000000000","name":"bench","state_type":"COMPLETED"}"#;
 
 struct Opts {
     quick: bool,

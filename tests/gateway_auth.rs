@@ -251,43 +251,47 @@ async fn a_reload_swaps_the_keys_and_a_broken_file_keeps_the_running_ones() {
     let up = TestUpstream::start(Behaviour::Echo).await;
     let fixture = Fixture::new(&up.url());
     let gw = Gateway::start(&fixture.toml());
-    let file = std::fs::read_link(format!("/proc/{}/cwd", gw.pid()))
-        .expect("the gateway's working directory")
-        .join("tollgate.toml");
-    let url = gw.url(&ws_path("flows/"));
-    let with = |key: &str| ("authorization", bearer(key));
-    let status = |key: &'static str| {
-        let url = url.clone();
-        async move {
-            let (name, value) = with(key);
-            http::get(&url, &[(name, &value)]).await.status
-        }
-    };
-    assert_eq!(status(KEY).await, 200);
+    assert_eq!(status_with(&gw, KEY).await, 200);
 
     const ROTATED: &str = "pnu_testkeyrotatedbyareload0123456789abc";
     let rotated = fixture.toml().replace(
         &common::gateway::key_hash(KEY),
         &common::gateway::key_hash(ROTATED),
     );
-    std::fs::write(&file, rotated).expect("write the config");
-    gw.signal("HUP");
-    assert!(
-        gw.wait_for_log("config reloaded", std::time::Duration::from_secs(10)),
-        "no reload:\n{}",
-        gw.logs()
-    );
-    assert_eq!(status(KEY).await, 401, "the old key is gone");
-    assert_eq!(status(ROTATED).await, 200, "the new key is in");
+    reload(&gw, &rotated, "config reloaded");
+    assert_eq!(status_with(&gw, KEY).await, 401, "the old key is gone");
+    assert_eq!(status_with(&gw, ROTATED).await, 200, "the new key is in");
 
-    std::fs::write(&file, "[server\nlisten = ").expect("write the config");
+    reload(&gw, "[server\nlisten = ", "config reload refused");
+    assert_eq!(
+        status_with(&gw, ROTATED).await,
+        200,
+        "the running keys stay"
+    );
+    assert_eq!(status_with(&gw, KEY).await, 401);
+    assert_eq!(status_with(&gw, KEY_A_ONLY).await, 200);
+}
+
+/// The status of a read in workspace A with `key`.
+async fn status_with(gw: &Gateway, key: &str) -> u16 {
+    let url = gw.url(&ws_path("flows/"));
+    http::get(&url, &[("authorization", &bearer(key))])
+        .await
+        .status
+}
+
+/// Writes `toml` over the file the gateway started with, sends SIGHUP and waits for `outcome`
+/// in its log.
+fn reload(gw: &Gateway, toml: &str, outcome: &str) {
+    // The config file the gateway was started with sits in its working directory.
+    let file = std::fs::read_link(format!("/proc/{}/cwd", gw.pid()))
+        .expect("the gateway's working directory")
+        .join("tollgate.toml");
+    std::fs::write(&file, toml).expect("write the config");
     gw.signal("HUP");
     assert!(
-        gw.wait_for_log("config reload refused", std::time::Duration::from_secs(10)),
-        "a broken file was not refused:\n{}",
+        gw.wait_for_log(outcome, std::time::Duration::from_secs(10)),
+        "no {outcome:?} after SIGHUP:\n{}",
         gw.logs()
     );
-    assert_eq!(status(ROTATED).await, 200, "the running keys stay");
-    assert_eq!(status(KEY).await, 401);
-    assert_eq!(status(KEY_A_ONLY).await, 200);
 }
